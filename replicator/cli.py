@@ -1,0 +1,78 @@
+"""The ``replicator`` command: parse arguments, set up logging, run, map errors to exit codes.
+
+Exit codes: 0 done, 1 a fatal error, 2 a configuration error (the message names
+the key and the fix), 3 lost the instance lock, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from replicator import __version__
+from replicator.errors import ConfigError, ReplicatorError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 2
+EXIT_LOST_LOCK = 3
+EXIT_INTERRUPTED = 130
+
+# Each subcommand lives in a module exposing add_arguments(parser) and
+# run(args) -> int, imported only when chosen so start-up stays fast.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("replicator.demo", "run the embedded demo: ERP, replica and live traffic"),
+    "run": ("replicator.daemon", "run the replication daemon"),
+    "verify": ("replicator.verify", "compare each source with its mirror, row by row"),
+    "checkpoints": ("replicator.store.checkpoints_cli", "list, inspect or restore checkpoints"),
+    "emulator": ("replicator.emulator.cli", "serve the local Salesforce org emulator"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replicator", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    parser.add_argument(
+        "--log-format", choices=("auto", "text", "json"), default="auto",
+        help="text on a terminal, JSON elsewhere (default: auto)",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in _COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        sub.set_defaults(_module=module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    from replicator.log import setup_logging
+
+    setup_logging(verbose=args.verbose, fmt=args.log_format)
+    try:
+        module = importlib.import_module(args._module)
+        return int(module.run(args))
+    except ConfigError as exc:
+        print(f"replicator: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ReplicatorError as exc:
+        logger.error("fatal error", extra={"error": str(exc)})
+        print(f"replicator: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -35,6 +35,8 @@ class FieldSchema:
     restricted_picklist: bool = False
     default_value: object = None
     extra_type_info: str | None = None  # "plaintextarea", "richtextarea", ...
+    auto_number_format: str | None = None  # "O-{00000}": server-assigned on create
+    formula: str | None = None  # a calculated field's expression (not evaluated)
 
 
 @dataclass(slots=True)
@@ -59,6 +61,18 @@ class OrgSchema:
     """Every object of one org, by API name (case-insensitive lookup)."""
 
     objects: dict[str, ObjectSchema] = field(default_factory=dict)
+    # Platform events (``__e``) have no records: kept apart from ``objects``.
+    platform_events: dict[str, ObjectSchema] = field(default_factory=dict)
+
+    def add(self, obj: ObjectSchema) -> None:
+        """Add or replace an object, refusing a key prefix another one holds."""
+        holder = self.by_prefix(obj.key_prefix)
+        if holder is not None and holder.name != obj.name:
+            raise ValueError(
+                f"key prefix {obj.key_prefix!r} of {obj.name!r} is taken by "
+                f"{holder.name!r}"
+            )
+        self.objects[obj.name] = obj
 
     def get(self, name: str) -> ObjectSchema | None:
         found = self.objects.get(name)

@@ -1,0 +1,395 @@
+"""Apply the ERP change stream to the replica: mirrors and checkpoint in one transaction.
+
+Changes are collapsed to their net effect per key and written set-based
+(``store.mirror``). A replica transaction spans one or more whole source
+transactions; its last statement stores the checkpoint (the end LSN of the
+last source transaction it covers), and only after it committed is that LSN
+confirmed to the ERP. Anything the source re-sends below the checkpoint is
+skipped, so the effect on the replica is exactly once.
+
+Messages that change the shape of what follows (a new column, a truncate)
+first flush the pending changes into the open replica transaction, so the
+order of the source is kept without splitting any source transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import asyncpg
+
+from replicator.errors import InvariantError
+from replicator.sources.erp.catalog import Catalog, ColumnInfo
+from replicator.sources.erp.pgoutput import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Message,
+    Origin,
+    Relation,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
+    Truncate,
+    UNCHANGED,
+    TypeMessage,
+    Update,
+    lsn_to_str,
+)
+from replicator.store import checkpoints
+from replicator.store.checkpoints import Checkpoint
+from replicator.store.mirror import MirrorStore, MirrorTable, TableChanges, mirror_name
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_PREFIX = "replicator.heartbeat"
+
+
+@dataclass(slots=True)
+class Route:
+    """How one source relation's tuples land in a mirror table."""
+
+    table: MirrorTable
+    positions: tuple[int, ...] | None  # mirror index -> relation index; None: same order
+    key_positions: tuple[int, ...]  # relation indexes of the mirror key
+
+
+@dataclass(slots=True)
+class SourceInfo:
+    stream: str
+    system_identifier: str
+    timeline: int
+    slot_name: str
+
+
+class _Spool:
+    """Messages of one streamed in-progress transaction, spilled to disk when large."""
+
+    LIMIT = 20_000
+
+    def __init__(self) -> None:
+        self.memory: list[Message] = []
+        self.file: IO[bytes] | None = None
+        self.aborted: set[int] = set()
+
+    def add(self, msg: Message) -> None:
+        self.memory.append(msg)
+        if len(self.memory) >= self.LIMIT:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(prefix="replicator-stream-")
+            pickle.dump(self.memory, self.file, protocol=pickle.HIGHEST_PROTOCOL)
+            self.memory = []
+
+    def replay(self) -> Any:
+        if self.file is not None:
+            self.file.seek(0)
+            while True:
+                try:
+                    chunk = pickle.load(self.file)
+                except EOFError:
+                    break
+                yield from (m for m in chunk if getattr(m, "xid", None) not in self.aborted)
+            self.file.close()
+        yield from (m for m in self.memory if getattr(m, "xid", None) not in self.aborted)
+
+
+@dataclass(slots=True)
+class ApplyStats:
+    transactions: int = 0
+    changes: int = 0
+    skipped_transactions: int = 0
+    batches: int = 0
+    last_commit_time: float = 0.0
+    origins: dict[str, int] = field(default_factory=dict)
+
+
+class ErpApplier:
+    """Consume decoded ``pgoutput`` messages; commit mirrors and checkpoint together."""
+
+    def __init__(
+        self, store: MirrorStore, catalog: Catalog, source: SourceInfo,
+        checkpoint_lsn: int, *, batch_changes: int = 20_000,
+        confirm: Callable[[int], None] = lambda lsn: None,
+        own_origin: str | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.source = source
+        self.checkpoint_lsn = checkpoint_lsn
+        self.batch_changes = batch_changes
+        self.confirm = confirm
+        self.own_origin = own_origin
+        self.stats = ApplyStats()
+        self.tables: dict[str, MirrorTable] = {}
+        self._routes: dict[int, Route] = {}
+        self._pending: dict[str, TableChanges] = {}
+        self._pending_rows = 0
+        self._tx: asyncpg.transaction.Transaction | None = None
+        self._uncommitted_end = 0
+        self._uncommitted_changes = 0
+        self._in_txn = False
+        self._skip = False
+        self._origin: str | None = None
+        self._spools: dict[int, _Spool] = {}
+        self.idle_lsn = 0  # a position past every received change, when idle
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """True while a source transaction has begun but not committed."""
+        return self._in_txn
+
+    @property
+    def has_uncommitted(self) -> bool:
+        return self._uncommitted_end > 0
+
+    # -- messages ----------------------------------------------------------------
+
+    async def handle(self, wal_start: int, msg: Message) -> None:
+        kind = type(msg)
+        if getattr(msg, "xid", None) is not None and kind not in (
+            StreamStart, StreamCommit, StreamAbort
+        ):
+            self._spools.setdefault(msg.xid, _Spool()).add(msg)  # type: ignore[union-attr]
+            return
+        if kind is Insert or kind is Update or kind is Delete:
+            if not self._skip:
+                await self._row(msg)  # type: ignore[arg-type]
+        elif kind is Begin:
+            self._begin(msg.final_lsn)  # type: ignore[union-attr]
+        elif kind is Commit:
+            self._commit(msg.end_lsn)  # type: ignore[union-attr]
+        elif kind is Origin:
+            self._origin = msg.name  # type: ignore[union-attr]
+        elif kind is Relation:
+            await self._relation(msg)  # type: ignore[arg-type]
+        elif kind is Truncate:
+            if not self._skip:
+                await self._truncate(msg)  # type: ignore[arg-type]
+        elif kind is LogicalMessage:
+            self._logical_message(wal_start, msg)  # type: ignore[arg-type]
+        elif kind is StreamCommit:
+            await self._stream_commit(msg)  # type: ignore[arg-type]
+        elif kind is StreamAbort:
+            self._stream_abort(msg)  # type: ignore[arg-type]
+        elif kind in (StreamStart, StreamStop, TypeMessage):
+            pass
+        else:
+            raise InvariantError(f"unhandled pgoutput message {msg!r}")
+
+    def _begin(self, final_lsn: int) -> None:
+        self._in_txn = True
+        self._origin = None
+        self._skip = final_lsn < self.checkpoint_lsn
+        if self._skip:
+            self.stats.skipped_transactions += 1
+            logger.debug("transaction already applied", extra={
+                "commit_lsn": lsn_to_str(final_lsn),
+                "checkpoint": lsn_to_str(self.checkpoint_lsn)})
+
+    def _commit(self, end_lsn: int) -> None:
+        self._in_txn = False
+        if self._skip:
+            self._skip = False
+            return
+        self._uncommitted_end = end_lsn
+        self.stats.transactions += 1
+        if self._origin is not None:
+            self.stats.origins[self._origin] = self.stats.origins.get(self._origin, 0) + 1
+
+    def _logical_message(self, wal_start: int, msg: LogicalMessage) -> None:
+        # A heartbeat (or any non-transactional message) outside a transaction
+        # moves the confirmed position when nothing received is unapplied.
+        if not msg.transactional and not self._in_txn:
+            self.idle_lsn = max(self.idle_lsn, msg.lsn)
+
+    async def _row(self, msg: Insert | Update | Delete) -> None:
+        route = self._routes.get(msg.relation_oid)
+        if route is None:
+            raise InvariantError(f"change for unknown relation oid {msg.relation_oid}")
+        changes = self._pending.get(route.table.name)
+        if changes is None:
+            changes = self._pending[route.table.name] = TableChanges(route.table)
+        kp = route.key_positions
+        if type(msg) is Delete:
+            changes.delete(tuple(msg.old[i] for i in kp))
+        else:
+            new = msg.new
+            if type(msg) is Update and msg.old is not None:
+                old_key = tuple(msg.old[i] for i in kp)
+                if old_key != tuple(new[i] for i in kp):
+                    changes.delete(old_key)  # the primary key changed: the row moves
+                elif not msg.old_is_key_only:
+                    # REPLICA IDENTITY FULL: the old row holds unchanged TOAST values
+                    new = tuple(o if v is UNCHANGED else v for v, o in zip(new, msg.old, strict=True))
+            values = new if route.positions is None else tuple(new[i] for i in route.positions)
+            changes.put(tuple(new[i] for i in kp), values)
+        self._pending_rows += 1
+        self._uncommitted_changes += 1
+        if self._pending_rows >= self.batch_changes:
+            await self.flush()
+
+    async def _relation(self, rel: Relation) -> None:
+        info = await self.catalog.table(rel.oid)
+        if info is None:
+            # Dropped since: mirror under its own name with what the message says.
+            name, source, key = mirror_name(rel.namespace, rel.name), rel.qualified_name, None
+            by_name: dict[str, ColumnInfo] = {}
+        else:
+            name = mirror_name(info.root_schema, info.root_name)
+            source = f"{info.root_schema}.{info.root_name}"
+            key, by_name = info.key, info.columns
+        columns = [by_name.get(c.name) or ColumnInfo(c.name, "text") for c in rel.columns]
+        table = self.tables.get(name) or await self.store.load_table(source)
+        if table is None:
+            if not key:
+                key = tuple(c.name for c in rel.columns if c.is_key)
+            await self._ensure_tx()
+            table = await self.store.create_table(name, source, columns, key or ())
+            logger.info("mirror table created", extra={"table": name, "source": source})
+        elif info is None or info.oid == info.root_oid or not (
+            {c.name for c in columns} <= set(table.columns)
+        ):
+            if [(c.name, c.mirror_type) for c in columns] != list(
+                zip(table.columns, table.types, strict=True)
+            ):
+                await self.flush(only=name)
+                await self._ensure_tx()
+                table = await self.store.evolve(table, columns)
+                self._pending.pop(name, None)
+        self.tables[name] = table
+        self._reroute(table)
+        names = [c.name for c in rel.columns]
+        positions = tuple(names.index(c) if c in names else -1 for c in table.columns)
+        if -1 in positions:
+            raise InvariantError(f"relation {rel.qualified_name} lacks mirror columns")
+        self._routes[rel.oid] = Route(
+            table, None if positions == tuple(range(len(names))) else positions,
+            tuple(names.index(k) for k in table.key))
+
+    def _reroute(self, table: MirrorTable) -> None:
+        for route in self._routes.values():
+            if route.table.name == table.name:
+                route.table = table
+
+    async def _truncate(self, msg: Truncate) -> None:
+        tables = []
+        for oid in msg.relation_oids:
+            route = self._routes.get(oid)
+            if route is not None and route.table not in tables:
+                tables.append(route.table)
+        await self._ensure_tx()
+        for table in tables:
+            self._pending.pop(table.name, None)
+            await self.flush(only=table.name)
+            await self.store.truncate(table)
+        self._uncommitted_changes += 1
+        logger.info("mirror tables truncated", extra={
+            "tables": [t.name for t in tables], "cascade": msg.cascade})
+
+    async def _stream_commit(self, msg: StreamCommit) -> None:
+        spool = self._spools.pop(msg.xid, None)
+        self._begin(msg.commit_lsn)
+        if spool is not None:
+            for inner in spool.replay():
+                await self.handle(0, inner._replace(xid=None))  # type: ignore[union-attr]
+        self._commit(msg.end_lsn)
+
+    def _stream_abort(self, msg: StreamAbort) -> None:
+        if msg.subxid == msg.xid:
+            spool = self._spools.pop(msg.xid, None)
+            if spool is not None and spool.file is not None:
+                spool.file.close()
+        elif msg.xid in self._spools:
+            self._spools[msg.xid].aborted.add(msg.subxid)
+
+    # -- replica transaction ----------------------------------------------------
+
+    async def _ensure_tx(self) -> None:
+        if self._tx is None:
+            self._tx = self.store.conn.transaction()
+            await self._tx.start()
+
+    async def flush(self, only: str | None = None) -> None:
+        """Write pending changes into the open replica transaction (no commit)."""
+        names = [only] if only is not None else list(self._pending)
+        for name in names:
+            changes = self._pending.pop(name, None)
+            if changes is None or not changes.rows:
+                continue
+            await self._ensure_tx()
+            await self.store.apply(changes)
+        if only is None:
+            self._pending_rows = 0
+
+    async def commit(self) -> bool:
+        """Commit every whole source transaction received so far; confirm its LSN.
+
+        Returns False when there was nothing to commit. Must be called only
+        between source transactions.
+        """
+        if self._in_txn:
+            raise InvariantError("commit requested inside a source transaction")
+        if not self.has_uncommitted:
+            return False
+        await self.flush()
+        await self._ensure_tx()
+        end = self._uncommitted_end
+        await checkpoints.save(self.store.conn, Checkpoint(
+            self.source.stream, lsn_to_str(end), end, self.source.system_identifier,
+            self.source.timeline, self.source.slot_name,
+        ), reason="apply", changes=self._uncommitted_changes)
+        assert self._tx is not None
+        await self._tx.commit()
+        self._tx = None
+        self.checkpoint_lsn = end
+        self.stats.changes += self._uncommitted_changes
+        self.stats.batches += 1
+        self.stats.last_commit_time = time.time()
+        logger.debug("batch applied", extra={
+            "position": lsn_to_str(end), "changes": self._uncommitted_changes})
+        self._uncommitted_end = 0
+        self._uncommitted_changes = 0
+        self.confirm(end)
+        return True
+
+    async def rollback(self) -> None:
+        if self._tx is not None:
+            tx, self._tx = self._tx, None
+            try:
+                await tx.rollback()
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                logger.debug("rollback failed", exc_info=True)
+
+    async def advance_idle(self, lsn: int) -> bool:
+        """Store and confirm ``lsn`` when nothing received is left unapplied.
+
+        Keeps an idle or filtered publication from pinning WAL on the ERP
+        (BUG-16); the checkpoint is stored first so the slot never gets
+        ahead of what the replica knows.
+        """
+        if self._in_txn or self.has_uncommitted or self._pending or lsn <= self.checkpoint_lsn:
+            return False
+        async with self.store.conn.transaction():
+            await checkpoints.save(self.store.conn, Checkpoint(
+                self.source.stream, lsn_to_str(lsn), lsn, self.source.system_identifier,
+                self.source.timeline, self.source.slot_name, {"idle": True},
+            ), reason="idle", history=False)
+        self.checkpoint_lsn = lsn
+        self.confirm(lsn)
+        return True
+
+    def should_commit(self, input_idle: bool) -> bool:
+        return (not self._in_txn and self.has_uncommitted and (
+            input_idle or self._uncommitted_changes >= self.batch_changes))
+

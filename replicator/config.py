@@ -1,0 +1,111 @@
+"""Settings: one TOML file read once into frozen, validated models.
+
+Secrets never sit in the file: a DSN may name its password through an
+environment variable (``dsn_env``), and every repr masks it. Errors name the
+TOML key at fault and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from replicator.errors import ConfigError
+
+_IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _mask(dsn: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+
+
+class Database(_Frozen):
+    """A PostgreSQL connection: ``dsn`` in the file or ``dsn_env`` naming a variable."""
+
+    dsn: str | None = None
+    dsn_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Database:
+        if not self.dsn and not self.dsn_env:
+            raise ValueError("set dsn, or dsn_env naming an environment variable")
+        return self
+
+    def resolve(self) -> str:
+        if self.dsn_env:
+            value = os.environ.get(self.dsn_env)
+            if not value:
+                raise ConfigError(
+                    f"environment variable {self.dsn_env!r} is empty; export it with "
+                    "the database's connection string")
+            return value
+        assert self.dsn is not None
+        return self.dsn
+
+    def __repr__(self) -> str:
+        shown = _mask(self.dsn) if self.dsn else f"${self.dsn_env}"
+        return f"Database({shown})"
+
+    __str__ = __repr__
+
+
+class ErpSettings(_Frozen):
+    database: Database
+    stream: str = Field("erp", pattern=_IDENT)
+    publication: str = Field("replicator_pub", pattern=_IDENT)
+    slot: str = Field("replicator_slot", pattern=_IDENT)
+    tables: tuple[str, ...] = ()  # empty: every table (FOR ALL TABLES)
+    create_publication: bool = True
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    status_interval_seconds: float = Field(10.0, gt=0)
+    origin: str = Field("replicator", pattern=_IDENT)  # our own write-backs
+
+
+class ApplySettings(_Frozen):
+    batch_changes: int = Field(20_000, ge=1, le=1_000_000)
+    queue_chunks: int = Field(32, ge=1)
+
+
+class Settings(_Frozen):
+    replica: Database
+    erp: ErpSettings
+    apply: ApplySettings = ApplySettings()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "missing":
+        return f"{key}: required key is missing; add it to the config file"
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key; remove it or check its spelling"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def parse(data: dict[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def load(path: str | Path) -> Settings:
+    """Read and validate the TOML file at ``path``."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config "
+                          "with the path of a TOML file (see config/replicator.toml)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    return parse(data)

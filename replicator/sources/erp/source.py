@@ -1,0 +1,290 @@
+"""The ERP source end to end: set-up checks, slot, initial snapshot, stream, apply.
+
+``ErpPipeline.run_once`` connects, decides where to start from the stored
+checkpoint and the slot, loads a snapshot if needed, then streams: a reader
+task fills a bounded queue (backpressure), the applier drains it and commits
+whole source transactions with their checkpoint. ``run`` restarts
+``run_once`` with backoff on retriable errors; every restart resumes from the
+checkpoint, which is always correct since re-sent changes are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from replicator.applier import ApplyStats, ErpApplier, SourceInfo
+from replicator.config import Settings
+from replicator.errors import (
+    ErpConnectionError,
+    ErpSetupError,
+    ReplicatorError,
+    StoreConnectionError,
+    StoreError,
+)
+from replicator.sources.erp.catalog import Catalog, check_prerequisites, tables_without_identity
+from replicator.sources.erp.pgoutput import lsn_to_str
+from replicator.sources.erp.replication import ReplicationStream
+from replicator.sources.erp.snapshot import SESSION_SETTINGS, copy_tables, published_tables
+from replicator.store import checkpoints
+from replicator.store.checkpoints import Checkpoint
+from replicator.store.mirror import MirrorStore
+from replicator.store.tables import create_schema
+
+logger = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError,
+                      asyncpg.CannotConnectNowError, asyncpg.ConnectionFailureError,
+                      asyncpg.AdminShutdownError)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter; the caller passes the time in."""
+
+    initial: float = 0.5
+    factor: float = 2.0
+    cap: float = 30.0
+    jitter: float = 0.2
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.initial * self.factor ** self.attempt)
+        self.attempt += 1
+        return delay * (1 + random.uniform(-self.jitter, self.jitter))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+async def _connect(dsn: str, what: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn, server_settings=SESSION_SETTINGS)
+    except asyncpg.InvalidPasswordError as exc:
+        raise ErpSetupError(f"{what} rejected the credentials: {exc}; fix the DSN") from exc
+    except (*_CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
+        cls = StoreConnectionError if what == "replica" else ErpConnectionError
+        raise cls(f"cannot connect to the {what}: {exc}") from exc
+
+
+class ErpPipeline:
+    """Replicate the ERP into the replica's ``erp`` schema."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.erp_settings = settings.erp
+        self.stats = ApplyStats()
+        self.applier: ErpApplier | None = None
+        self.caught_up = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._target_lsn: int | None = None
+
+    async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> ApplyStats:
+        """Run until ``stop`` is set (or caught up), restarting on passing faults."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                await self.run_once(stop, until_caught_up=until_caught_up)
+                return self.stats
+            except ReplicatorError as exc:
+                if not exc.retriable:
+                    raise
+                delay = backoff.next_delay()
+                logger.error("erp pipeline failed, retrying", extra={
+                    "error": str(exc), "retry_in": round(delay, 2),
+                    "attempt": backoff.attempt})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+        return self.stats
+
+    async def run_once(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:
+        erp_dsn = self.erp_settings.database.resolve()
+        replica = await _connect(self.settings.replica.resolve(), "replica")
+        erp: asyncpg.Connection | None = None
+        stream = ReplicationStream(erp_dsn, status_interval=self.erp_settings.status_interval_seconds)
+        try:
+            erp = await _connect(erp_dsn, "ERP")
+            start_lsn, source = await self._prepare(replica, erp, stream)
+            if until_caught_up:
+                self._target_lsn = await self._current_lsn(erp)
+            store = MirrorStore(replica, self.erp_settings.stream)
+            self.applier = ErpApplier(
+                store, Catalog(erp), source, start_lsn,
+                batch_changes=self.settings.apply.batch_changes, confirm=stream.confirm,
+                own_origin=self.erp_settings.origin)
+            self.applier.stats = self.stats
+            self.ready.set()
+            await self._stream(stream, erp, start_lsn, stop, until_caught_up)
+        except (asyncpg.PostgresConnectionError, *_CONNECTION_ERRORS) as exc:
+            raise StoreConnectionError(f"replica or ERP connection lost: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"replica rejected a change: {exc}") from exc
+        finally:
+            self.ready.clear()
+            if self.applier is not None:
+                await self.applier.rollback()
+            await stream.close()
+            for conn in (erp, replica):
+                if conn is not None:
+                    conn.terminate()
+
+    async def _current_lsn(self, erp: asyncpg.Connection) -> int:
+        text = await erp.fetchval("SELECT pg_current_wal_lsn()::text")
+        high, _, low = text.partition("/")
+        return (int(high, 16) << 32) | int(low, 16)
+
+    async def _ensure_publication(self, erp: asyncpg.Connection) -> None:
+        pub = self.erp_settings.publication
+        if await erp.fetchval("SELECT 1 FROM pg_publication WHERE pubname = $1", pub):
+            return
+        if not self.erp_settings.create_publication:
+            raise ErpSetupError(f"publication {pub!r} does not exist; create it with "
+                                f"CREATE PUBLICATION {pub} FOR ALL TABLES")
+        target = "ALL TABLES"
+        if self.erp_settings.tables:
+            target = "TABLE " + ", ".join(self.erp_settings.tables)
+        try:
+            await erp.execute(f"CREATE PUBLICATION {pub} FOR {target} "
+                              "WITH (publish_via_partition_root = true)")
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise ErpSetupError(
+                f"cannot create publication {pub!r}: {exc}; create it as a superuser "
+                f"(CREATE PUBLICATION {pub} FOR ALL TABLES) or grant the rights") from exc
+        logger.info("publication created", extra={"publication": pub, "tables": target})
+
+    async def _wait_slot_free(self, erp: asyncpg.Connection, slot: str) -> asyncpg.Record | None:
+        deadline = time.monotonic() + 15
+        while True:
+            row = await erp.fetchrow(
+                "SELECT active, active_pid, confirmed_flush_lsn::text AS confirmed, "
+                "wal_status FROM pg_replication_slots WHERE slot_name = $1", slot)
+            if row is None or not row["active"]:
+                return row
+            if time.monotonic() > deadline:
+                raise ErpSetupError(
+                    f"replication slot {slot!r} is in use by another process "
+                    f"(pid {row['active_pid']}); stop that consumer, or give this "
+                    "instance its own erp.slot")
+            await asyncio.sleep(0.5)
+
+    async def _prepare(
+        self, replica: asyncpg.Connection, erp: asyncpg.Connection, stream: ReplicationStream,
+    ) -> tuple[int, SourceInfo]:
+        cfg = self.erp_settings
+        await create_schema(replica)
+        await check_prerequisites(erp)
+        await self._ensure_publication(erp)
+        catalog = Catalog(erp)
+        bad = await tables_without_identity(erp, await catalog.publication_tables(cfg.publication))
+        if bad:
+            raise ErpSetupError(
+                f"published table(s) {', '.join(bad)} have no primary key or replica "
+                "identity, so updates and deletes cannot be matched; add a primary key "
+                "or ALTER TABLE ... REPLICA IDENTITY USING INDEX")
+        system = await stream.open()
+        source = SourceInfo(cfg.stream, system.system_identifier, system.timeline, cfg.slot)
+        cp = await checkpoints.load(replica, cfg.stream)
+        slot = await self._wait_slot_free(erp, cfg.slot)
+        if cp is not None and slot is not None and cp.lsn is not None:
+            if cp.system_identifier != system.system_identifier or cp.slot_name != cfg.slot:
+                logger.warning("checkpoint belongs to another server or slot, resyncing", extra={
+                    "checkpoint_system": cp.system_identifier,
+                    "server_system": system.system_identifier, "slot": cfg.slot})
+            elif slot["wal_status"] == "lost":
+                logger.warning("replication slot lost its WAL, resyncing", extra={"slot": cfg.slot})
+            else:
+                logger.info("resuming from checkpoint", extra={
+                    "position": cp.position, "slot_confirmed": slot["confirmed"]})
+                return cp.lsn, source
+        if slot is not None:
+            logger.warning("dropping replication slot without a usable checkpoint",
+                           extra={"slot": cfg.slot})
+            await erp.execute("SELECT pg_drop_replication_slot($1)", cfg.slot)
+        return await self._snapshot(replica, erp, stream, source), source
+
+    async def _snapshot(
+        self, replica: asyncpg.Connection, erp_conn: asyncpg.Connection,
+        stream: ReplicationStream, source: SourceInfo,
+    ) -> int:
+        cfg = self.erp_settings
+        new_slot = await stream.create_slot(cfg.slot)
+        # A separate connection reads the exported snapshot; the replication
+        # connection must run no other command until the copy is done.
+        reader = await _connect(cfg.database.resolve(), "ERP")
+        try:
+            tables = await published_tables(Catalog(reader), cfg.publication)
+            store = MirrorStore(replica, cfg.stream)
+            async with replica.transaction():
+                await copy_tables(reader, new_slot.snapshot_name, tables, store)
+                await checkpoints.save(replica, Checkpoint(
+                    cfg.stream, lsn_to_str(new_slot.consistent_lsn), new_slot.consistent_lsn,
+                    source.system_identifier, source.timeline, cfg.slot,
+                    {"snapshot": new_slot.snapshot_name}), reason="snapshot")
+        finally:
+            reader.terminate()
+        logger.info("initial snapshot loaded", extra={
+            "tables": len(tables), "position": lsn_to_str(new_slot.consistent_lsn)})
+        return new_slot.consistent_lsn
+
+    async def _stream(
+        self, stream: ReplicationStream, erp: asyncpg.Connection, start_lsn: int,
+        stop: asyncio.Event, until_caught_up: bool,
+    ) -> None:
+        cfg = self.erp_settings
+        assert self.applier is not None
+        applier = self.applier
+        queue: asyncio.Queue[list | int] = asyncio.Queue(maxsize=self.settings.apply.queue_chunks)
+
+        async def read() -> None:
+            async for item in stream.stream(cfg.slot, cfg.publication, start_lsn):
+                await queue.put(item)
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(cfg.heartbeat_seconds)
+                await erp.execute(
+                    "SELECT pg_logical_emit_message(false, 'replicator.heartbeat', '')")
+
+        async def consume() -> None:
+            while not stop.is_set():
+                item = await queue.get()
+                if isinstance(item, int):
+                    await self._on_idle(applier, item, until_caught_up)
+                    if until_caught_up and self.caught_up.is_set():
+                        return
+                    continue
+                for wal_start, msg in item:
+                    await applier.handle(wal_start, msg)
+                    if applier.should_commit(input_idle=False):
+                        await applier.commit()
+                if applier.should_commit(input_idle=queue.empty()):
+                    await applier.commit()
+
+        async with asyncio.TaskGroup() as tg:
+            reader = tg.create_task(read(), name=f"source:erp:{cfg.slot}:read")
+            beat = tg.create_task(heartbeat(), name=f"source:erp:{cfg.slot}:heartbeat")
+            waiter = tg.create_task(stop.wait(), name=f"source:erp:{cfg.slot}:stop")
+            done = tg.create_task(consume(), name=f"source:erp:{cfg.slot}:apply")
+            await asyncio.wait({done, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if done.done() and done.exception() is not None:
+                raise done.exception()  # type: ignore[misc]
+            # Drain: commit what is whole, then stop reading.
+            if not applier.in_transaction:
+                await applier.commit()
+            for task in (reader, beat, waiter, done):
+                task.cancel()
+
+    async def _on_idle(self, applier: ErpApplier, wal_end: int, until_caught_up: bool) -> None:
+        if applier.should_commit(input_idle=True):
+            await applier.commit()
+        if not applier.in_transaction and not applier.has_uncommitted:
+            await applier.advance_idle(max(wal_end, applier.idle_lsn))
+            if self._target_lsn is not None and applier.checkpoint_lsn >= self._target_lsn:
+                self.caught_up.set()

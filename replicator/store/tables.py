@@ -1,0 +1,97 @@
+"""SQLAlchemy Core metadata of the ``replicator`` schema, and its creation.
+
+Mirror tables (``erp.*``, ``sf.*``) are not declared here: their columns come
+from the sources' catalogs at run time (see ``store.mirror``).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+SCHEMA = "replicator"
+MIRROR_SCHEMAS = ("erp", "sf", "unified")
+metadata = MetaData(schema=SCHEMA)
+
+checkpoints = Table(
+    "checkpoints", metadata,
+    Column("stream", Text, primary_key=True),
+    Column("position", Text, nullable=False),  # LSN as 16/B374D848 or a replay id
+    Column("lsn", BigInteger),  # the same LSN as a number, for comparisons
+    Column("system_identifier", Text),
+    Column("timeline", Integer),
+    Column("slot_name", Text),
+    Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+checkpoint_history = Table(
+    "checkpoint_history", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("stream", Text, nullable=False, index=True),
+    Column("position", Text, nullable=False),
+    Column("lsn", BigInteger),
+    Column("system_identifier", Text),
+    Column("timeline", Integer),
+    Column("slot_name", Text),
+    Column("reason", Text, nullable=False),  # apply, snapshot, restore, resync, ...
+    Column("changes", BigInteger, nullable=False, server_default=text("0")),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+dead_letters = Table(
+    "dead_letters", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("stream", Text, nullable=False),
+    Column("entity", Text, nullable=False),
+    Column("source_key", Text),
+    Column("position", Text),
+    Column("reason", Text, nullable=False),
+    Column("payload", JSONB),
+    Column("status", Text, nullable=False, server_default=text("'parked'")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+tables_state = Table(
+    "mirror_tables", metadata,
+    Column("stream", Text, primary_key=True),
+    Column("source_table", Text, primary_key=True),  # schema.table at the source
+    Column("mirror_table", Text, nullable=False),
+    Column("columns", JSONB, nullable=False),  # [[name, type], ...] as mirrored
+    Column("key_columns", JSONB, nullable=False),
+    Column("loaded_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
+def ddl_statements() -> list[str]:
+    """Return the DDL that creates the ``replicator`` schema, idempotently."""
+    dialect = postgresql.dialect()
+    out = [f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"]
+    out += [f"CREATE SCHEMA IF NOT EXISTS {name}" for name in MIRROR_SCHEMAS]
+    for table in metadata.sorted_tables:
+        out.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
+        for index in table.indexes:
+            out.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)))
+    return out
+
+
+async def create_schema(conn: asyncpg.Connection) -> None:
+    """Create the replicator's schemas and tables if missing (serialised by a lock)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('replicator.schema'))")
+        for statement in ddl_statements():
+            await conn.execute(statement)

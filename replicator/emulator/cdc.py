@@ -196,7 +196,7 @@ def build_events(
         "commitTimestamp": epoch_ms(commit_time),
     }
 
-    bodies: list[tuple[ObjectSchema, str, list[str], dict[str, Any]]] = []
+    bodies: list[_Body] = []
     overflowed: dict[str, ObjectSchema] = {}
     counted = 0
     for change in collapsed:
@@ -209,9 +209,9 @@ def build_events(
         counted += _weight(change_type, changed)
         if options.gap is not None and options.gap(obj.name, change.record_id):
             change_type, changed, body = "GAP_" + change_type, [], {}
-        bodies.append((obj, change_type, changed, body))
+        bodies.append((obj, change_type, changed, body, change.record_id))
 
-    events = _merge(bodies, [c.record_id for c in collapsed])
+    events = _merge(bodies)
     out: list[ChangeEvent] = []
     for obj, change_type, changed, body, record_ids in events:
         header = _header(header_base, obj, change_type, changed, record_ids)
@@ -243,6 +243,10 @@ def build_events(
 def _is_captured(org: OrgSchema, object_name: str) -> bool:
     obj = org.get(object_name)
     return obj is not None and obj.cdc_enabled
+
+
+# object, change type, changedFields, body, record id
+_Body = tuple[ObjectSchema, str, list[str], dict[str, Any], str]
 
 
 @dataclass(slots=True)
@@ -317,7 +321,7 @@ def _render(
     """Render flat field values into a CDC body, nesting compound components.
 
     Returns the body and the ``changedFields`` names, in describe order with
-    ``LastModifiedDate`` last as real events show it.
+    ``LastModifiedDate`` last, as real events show them.
     """
     body: dict[str, Any] = {}
     changed: list[str] = []
@@ -331,6 +335,10 @@ def _render(
             part = _component(fs.compound_field_name, name)
             body.setdefault(fs.compound_field_name, {})[part] = value
             changed.append(f"{fs.compound_field_name}.{part}")
+        elif name == "LastModifiedById":
+            # In the body when another user edits, not in changedFields
+            # (sf-events/update-contact-nulled.json, from a real capture).
+            body[name] = value
         else:
             body[name] = value
             (tail if name == "LastModifiedDate" else changed).append(name)
@@ -426,15 +434,12 @@ def text_diff(old: str, new: str) -> str:
 
 
 def _merge(
-    bodies: list[tuple[ObjectSchema, str, list[str], dict[str, Any]]],
-    record_ids: list[str],
+    bodies: list[_Body],
 ) -> list[tuple[ObjectSchema, str, list[str], dict[str, Any], list[str]]]:
     """Give identical changes to several records one event with all their ids."""
     merged: list[tuple[ObjectSchema, str, list[str], dict[str, Any], list[str]]] = []
     index: dict[bytes, int] = {}
-    for (obj, change_type, changed, body), record_id in zip(
-        bodies, record_ids, strict=True
-    ):
+    for obj, change_type, changed, body, record_id in bodies:
         if change_type not in _MERGEABLE_TYPES:
             merged.append((obj, change_type, changed, body, [record_id]))
             continue

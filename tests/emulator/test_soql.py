@@ -229,7 +229,10 @@ def test_literal_kinds_parse() -> None:
     )
 
     assert isinstance(query.where, soql.Or)
-    values = [getattr(op, "value", None) or op.values for op in query.where.operands]
+    values = [
+        getattr(op, "value", None) or getattr(op, "values", None)
+        for op in query.where.operands
+    ]
     assert values[0] == (
         soql.StringValue("a'b", "a\\'b"),
         soql.StringValue("c\\d", "c\\\\d"),

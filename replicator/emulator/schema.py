@@ -29,7 +29,8 @@ class FieldSchema:
     external_id: bool = False
     unique: bool = False
     reference_to: tuple[str, ...] = ()
-    relationship_name: str | None = None
+    relationship_name: str | None = None  # parent side: "Account", "Account__r"
+    child_relationship_name: str | None = None  # child side: "Contacts", "Orders__r"
     compound_field_name: str | None = None  # "BillingAddress" for BillingStreet
     picklist_values: tuple[str, ...] = ()
     restricted_picklist: bool = False

@@ -72,12 +72,13 @@ class EmulatorConfig:
     @classmethod
     def ebikes(cls, **overrides: object) -> EmulatorConfig:
         """Return the config of the E-Bikes demo org shipped in the package."""
-        return cls(
-            metadata_dirs=(EBIKES_DIR / "objects",),
-            seed_plans=(EBIKES_DIR / "data" / "sample-data-plan.json",),
-            seed_standard=True,
-            **overrides,  # type: ignore[arg-type]
-        )
+        settings: dict[str, object] = {
+            "metadata_dirs": (EBIKES_DIR / "objects",),
+            "seed_plans": (EBIKES_DIR / "data" / "sample-data-plan.json",),
+            "seed_standard": True,
+            **overrides,
+        }
+        return cls(**settings)  # type: ignore[arg-type]
 
 
 def build_schema(config: EmulatorConfig) -> OrgSchema:

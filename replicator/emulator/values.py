@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from replicator.emulator import ids
@@ -223,7 +223,8 @@ def _number(field: FieldSchema, value: Any) -> int | float:
                 f"{value}",
                 fields=(field.name,),
             )
-        number = round(number, field.scale)
+        # Salesforce rounds half up, not to even.
+        number = number.quantize(Decimal(1).scaleb(-field.scale), ROUND_HALF_UP)
     if field.type == "int":
         if number != number.to_integral_value():
             raise _parser_error("int", value)

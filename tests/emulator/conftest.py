@@ -96,3 +96,45 @@ async def emulator(emulator_config: EmulatorConfig) -> AsyncIterator[Served]:
 @pytest.fixture
 def emulator_url(emulator: Served) -> str:
     return emulator.url
+
+
+_FIELD_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<CustomField xmlns="http://soap.sforce.com/2006/04/metadata">
+{body}
+</CustomField>
+"""
+
+# Account fields of the field-failure fixture F0 (shared/cases/field-failures.md).
+ACCOUNT_FIELDS = {
+    "ERP_Customer_Code__c": "<fullName>ERP_Customer_Code__c</fullName><label>ERP "
+    "Customer Code</label><type>Text</type><length>20</length>"
+    "<externalId>true</externalId><unique>true</unique>",
+    "Credit_Limit__c": "<fullName>Credit_Limit__c</fullName><label>Credit Limit"
+    "</label><type>Currency</type><precision>12</precision><scale>2</scale>",
+    "Attributes__c": "<fullName>Attributes__c</fullName><label>Attributes</label>"
+    "<type>LongTextArea</type><length>131072</length><visibleLines>5</visibleLines>",
+    "Legacy_Code__c": "<fullName>Legacy_Code__c</fullName><label>Legacy Code</label>"
+    "<type>Text</type><length>20</length><externalId>true</externalId>",
+}
+
+
+@pytest.fixture
+def account_metadata_dir(tmp_path: Any) -> Any:
+    """An SFDX ``objects`` folder adding F0's custom fields to Account."""
+    fields = tmp_path / "objects" / "Account" / "fields"
+    fields.mkdir(parents=True)
+    for name, body in ACCOUNT_FIELDS.items():
+        (fields / f"{name}.field-meta.xml").write_text(_FIELD_XML.format(body=body))
+    return tmp_path / "objects"
+
+
+@pytest.fixture
+def f0_config(account_metadata_dir: Any) -> EmulatorConfig:
+    """The E-Bikes org plus F0's custom Account fields."""
+    return EmulatorConfig.ebikes(
+        metadata_dirs=(
+            *EmulatorConfig.ebikes().metadata_dirs,
+            account_metadata_dir,
+        ),
+        long_poll_timeout_seconds=2.0,
+    )

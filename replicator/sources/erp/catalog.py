@@ -47,10 +47,10 @@ _COLUMNS_SQL = """
 SELECT a.attname,
        a.atttypid::int AS type_oid,
        format_type(a.atttypid, a.atttypmod) AS formatted,
-       t.typtype, t.typcategory, tn.nspname AS type_schema, t.typname,
+       t.typtype::text, t.typcategory::text, tn.nspname AS type_schema, t.typname,
        coalesce(bt.oid, 0)::int AS base_oid,
        format_type(t.typbasetype, t.typtypmod) AS base_formatted,
-       coalesce(et.typtype, '') AS elem_typtype,
+       coalesce(et.typtype::text, '') AS elem_typtype,
        coalesce(etn.nspname, '') AS elem_schema, coalesce(et.typname, '') AS elem_name,
        coalesce(et.oid, 0)::int AS elem_oid,
        CASE WHEN a.atthasmissing THEN a.attmissingval::text END AS missing

@@ -59,6 +59,16 @@ def _parse_lsn(text: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
+_RENDERING = ("-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres "
+              "-c lc_monetary=C -c extra_float_digits=3")
+
+
+def _session_options(dsn: str) -> str:
+    """Keep the DSN's own ``options`` and add the fixed rendering settings after them."""
+    own = psycopg2.extensions.parse_dsn(dsn).get("options", "")
+    return f"{own} {_RENDERING}".strip()
+
+
 def _translate(exc: psycopg2.Error, action: str) -> ErpError:
     if isinstance(exc, psycopg2.errors.ObjectInUse):
         return ErpSetupError(
@@ -98,8 +108,7 @@ class ReplicationStream:
                 # Render values independently of the role's or server's settings:
                 # timestamptz with an offset in UTC, money without a locale's
                 # separators, intervals in the postgres style (BUG-08, BUG-10).
-                options="-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres "
-                "-c lc_monetary=C -c extra_float_digits=3",
+                options=_session_options(self._dsn),
             )
         except psycopg2.Error as exc:
             raise _translate(exc, "open a replication connection") from exc
@@ -152,7 +161,7 @@ class ReplicationStream:
         try:
             self._cursor.start_replication(
                 slot_name=slot, decode=False, start_lsn=start_lsn, options=options,
-                status_interval=self._status_interval,
+                status_interval=max(1, round(self._status_interval)),
             )
         except psycopg2.Error as exc:
             raise _translate(exc, f"start replication from slot {slot!r}") from exc

@@ -73,6 +73,16 @@ async def _connect(dsn: str, what: str) -> asyncpg.Connection:
         raise cls(f"cannot connect to the {what}: {exc}") from exc
 
 
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """Return the first exception of a task group that is not a cancellation."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_leaf(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
 class ErpPipeline:
     """Replicate the ERP into the replica's ``erp`` schema."""
 
@@ -96,7 +106,7 @@ class ErpPipeline:
                 if not exc.retriable:
                     raise
                 delay = backoff.next_delay()
-                logger.error("erp pipeline failed, retrying", extra={
+                logger.error("erp pipeline failed, retrying: %s", exc, extra={
                     "error": str(exc), "retry_in": round(delay, 2),
                     "attempt": backoff.attempt})
             with contextlib.suppress(TimeoutError):
@@ -108,13 +118,15 @@ class ErpPipeline:
         erp_dsn = self.erp_settings.database.resolve()
         replica = await _connect(self.settings.replica.resolve(), "replica")
         erp: asyncpg.Connection | None = None
+        ddl: asyncpg.Connection | None = None
         stream = ReplicationStream(erp_dsn, status_interval=self.erp_settings.status_interval_seconds)
         try:
             erp = await _connect(erp_dsn, "ERP")
             start_lsn, source = await self._prepare(replica, erp, stream)
             if until_caught_up:
                 self._target_lsn = await self._current_lsn(erp)
-            store = MirrorStore(replica, self.erp_settings.stream)
+            ddl = await _connect(self.settings.replica.resolve(), "replica")
+            store = MirrorStore(replica, self.erp_settings.stream, ddl)
             self.applier = ErpApplier(
                 store, Catalog(erp), source, start_lsn,
                 batch_changes=self.settings.apply.batch_changes, confirm=stream.confirm,
@@ -131,7 +143,7 @@ class ErpPipeline:
             if self.applier is not None:
                 await self.applier.rollback()
             await stream.close()
-            for conn in (erp, replica):
+            for conn in (erp, replica, ddl):
                 if conn is not None:
                     conn.terminate()
 
@@ -267,11 +279,18 @@ class ErpPipeline:
                 if applier.should_commit(input_idle=queue.empty()):
                     await applier.commit()
 
+        try:
+            await self._run_tasks(read(), heartbeat(), consume(), stop, applier)
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
+
+    async def _run_tasks(self, read, heartbeat, consume, stop, applier) -> None:  # type: ignore[no-untyped-def]
+        cfg = self.erp_settings
         async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(read(), name=f"source:erp:{cfg.slot}:read")
-            beat = tg.create_task(heartbeat(), name=f"source:erp:{cfg.slot}:heartbeat")
+            reader = tg.create_task(read, name=f"source:erp:{cfg.slot}:read")
+            beat = tg.create_task(heartbeat, name=f"source:erp:{cfg.slot}:heartbeat")
             waiter = tg.create_task(stop.wait(), name=f"source:erp:{cfg.slot}:stop")
-            done = tg.create_task(consume(), name=f"source:erp:{cfg.slot}:apply")
+            done = tg.create_task(consume, name=f"source:erp:{cfg.slot}:apply")
             await asyncio.wait({done, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if done.done() and done.exception() is not None:
                 raise done.exception()  # type: ignore[misc]

@@ -142,9 +142,10 @@ async def request_log_middleware(request: web.Request, handler: Handler) -> web.
             LoggedRequest(
                 method=request.method,
                 path=request.path,
-                query=dict(request.query),
+                query={str(k): v for k, v in request.query.items()},
                 headers={
-                    k: v for k, v in request.headers.items()
+                    str(k): v
+                    for k, v in request.headers.items()
                     if k.lower() not in _SECRET_HEADERS
                 },
                 body=_loggable_body(request.content_type, raw),

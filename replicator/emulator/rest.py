@@ -89,8 +89,7 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(body),
         status=status,
-        content_type="application/json",
-        charset="UTF-8",
+        headers={"Content-Type": "application/json;charset=UTF-8"},
     )
 
 

@@ -5,7 +5,7 @@ under ``/__emulator__/streaming/``: cut held long polls, forget every client,
 simulate a restart (both; the event log persists), send ``GAP_`` events for
 chosen records or for the next N changes, lower the ``GAP_OVERFLOW``
 threshold, deny handshakes, and register an automation that sets fields in
-the same transaction as an API write.
+the same transaction as an API write. ``POST .../load`` drives ``loadgen``.
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ def setup_routes(app: web.Application, faults: StreamingFaults) -> None:
     app.router.add_post(f"{PREFIX}/settings", _settings)
     app.router.add_post(f"{PREFIX}/automation", _automation)
     app.router.add_post(f"{PREFIX}/reset", _reset)
+    app.router.add_post(f"{PREFIX}/load", _load)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -229,6 +230,30 @@ async def _automation(request: web.Request) -> web.Response:
 async def _reset(request: web.Request) -> web.Response:
     request.app[FAULTS_KEY].reset()
     return _json(request.app[FAULTS_KEY].status())
+
+
+async def _load(request: web.Request) -> web.Response:
+    """Body ``{"count": N, "rate": R, "perTransaction": K, "object": "Account"}``.
+
+    Makes N real record updates (see ``loadgen``) and answers when done.
+    """
+    from replicator.emulator.keys import CONFIG_KEY, STATE_KEY
+    from replicator.emulator.loadgen import LoadGenerator
+
+    body = await _body(request)
+    state = request.app[STATE_KEY]
+    user = state.find_user(request.app[CONFIG_KEY].username)
+    if user is None:
+        return _json({"error": "no user to write as"}, status=400)
+    generator = LoadGenerator(
+        state, str(user["Id"]), object_name=str(body.get("object", "Account"))
+    )
+    result = await generator.run(
+        int(body.get("count", 1000)),
+        rate=float(body.get("rate", 0.0)),
+        per_transaction=int(body.get("perTransaction", 1)),
+    )
+    return _json(dataclasses.asdict(result))
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

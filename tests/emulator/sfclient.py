@@ -64,7 +64,8 @@ class EmulatorClient(Client):
     def get_cometd_url(self, instance_url: str) -> str:  # type: ignore[override]
         return f"{instance_url.rstrip('/')}/cometd/{self.api_version}"
 
-    async def _wait_connection_timeout(self, timeout: float) -> None:
+    # The name `timeout` is the library's; this overrides its method.
+    async def _wait_connection_timeout(self, timeout: float) -> None:  # noqa: ASYNC109
         assert self._transport is not None
         while True:
             await self._transport.wait_for_state(TransportState.CONNECTING)

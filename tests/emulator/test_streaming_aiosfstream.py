@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from replicator.emulator.app import EmulatorConfig, create_app
 from replicator.emulator.keys import STATE_KEY
 from replicator.emulator.state import OrgState
 from replicator.emulator.streaming import STREAMING_KEY, Streaming
+from tests.emulator.conftest import ServeEmulator
 from tests.emulator.sfclient import EmulatorAuthenticator, EmulatorClient
 
 pytestmark = pytest.mark.integration
@@ -32,20 +33,20 @@ RECEIVE_TIMEOUT = 10.0
 
 
 class Emulator:
-    """One served emulator app; ``stop`` and a new ``serve`` simulate a restart."""
+    """One served emulator app, with the parts these tests reach into."""
 
-    def __init__(self, runner: web.AppRunner, config: EmulatorConfig) -> None:
-        self.runner = runner
+    def __init__(self, app: web.Application, url: str, config: EmulatorConfig) -> None:
+        self.app = app
+        self.url = url
         self.config = config
-        self.url = f"http://127.0.0.1:{config.port}"
 
     @property
     def state(self) -> OrgState:
-        return self.runner.app[STATE_KEY]
+        return self.app[STATE_KEY]
 
     @property
     def streaming(self) -> Streaming:
-        return self.runner.app[STREAMING_KEY]
+        return self.app[STREAMING_KEY]
 
     def write(self, name: str, **values: Any) -> str:
         with self.state.transaction(user_id=_user_id(self.state)) as tx:
@@ -65,14 +66,28 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def serve(config: EmulatorConfig) -> AsyncIterator[Emulator]:
+async def serve_on_port(config: EmulatorConfig) -> AsyncIterator[Emulator]:
+    """Serve on ``config.port``: a restart must come back on the same port,
+    which the shared ``serve_emulator`` fixture (port 0) cannot do."""
     runner = web.AppRunner(create_app(config), shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
     try:
-        yield Emulator(runner, config)
+        yield Emulator(runner.app, f"http://127.0.0.1:{config.port}", config)
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+def serve(serve_emulator: ServeEmulator) -> Callable[..., Any]:
+    """Adapt the shared fixture's ``Served`` to ``Emulator``."""
+
+    @asynccontextmanager
+    async def served(config: EmulatorConfig) -> AsyncIterator[Emulator]:
+        async with serve_emulator(config) as running:
+            yield Emulator(running.app, running.url, running.config)
+
+    return served
 
 
 def _config(tmp_path: Path, **overrides: Any) -> EmulatorConfig:
@@ -110,7 +125,9 @@ def _names(emulator: Emulator, messages: list[dict[str, Any]]) -> list[str]:
     return [m["data"]["payload"]["Name"] for m in messages]
 
 
-async def test_subscribe_receives_new_events_with_headers(tmp_path: Path) -> None:
+async def test_subscribe_receives_new_events_with_headers(
+    tmp_path: Path, serve: Callable[..., Any]
+) -> None:
     async with serve(_config(tmp_path)) as emulator:
         client = _client(emulator)
         await client.open()
@@ -127,7 +144,9 @@ async def test_subscribe_receives_new_events_with_headers(tmp_path: Path) -> Non
     assert message["data"]["payload"]["Phone"] == "555-0100"
 
 
-async def test_replay_all_events_delivers_retained_ones_first(tmp_path: Path) -> None:
+async def test_replay_all_events_delivers_retained_ones_first(
+    tmp_path: Path, serve: Callable[..., Any]
+) -> None:
     async with serve(_config(tmp_path)) as emulator:
         for name in ("one", "two", "three"):
             emulator.write(name)
@@ -149,7 +168,7 @@ async def test_client_resumes_by_replay_id_after_emulator_restart(
     """Events written while the client reconnects are delivered from its stored id."""
     config = _config(tmp_path)
     storage: dict[str, ReplayMarker] = {}
-    async with serve(config) as emulator:
+    async with serve_on_port(config) as emulator:
         client = _client(emulator, storage)
         await client.open()
         await client.subscribe(ACCOUNTS)
@@ -157,7 +176,7 @@ async def test_client_resumes_by_replay_id_after_emulator_restart(
         emulator.write("before-2")
         before = await _receive(client, 2)
 
-    async with serve(config) as restarted:
+    async with serve_on_port(config) as restarted:
         # Written before the client can resubscribe: only replay finds them.
         restarted.write("after-1")
         restarted.write("after-2")
@@ -170,7 +189,7 @@ async def test_client_resumes_by_replay_id_after_emulator_restart(
 
 
 async def test_client_rehandshakes_after_unknown_client_without_loss(
-    tmp_path: Path,
+    tmp_path: Path, serve: Callable[..., Any]
 ) -> None:
     async with serve(_config(tmp_path)) as emulator:
         client = _client(emulator, {})
@@ -189,7 +208,9 @@ async def test_client_rehandshakes_after_unknown_client_without_loss(
     assert emulator.streaming.server.handshakes > handshakes
 
 
-async def test_client_reconnects_after_dropped_connections(tmp_path: Path) -> None:
+async def test_client_reconnects_after_dropped_connections(
+    tmp_path: Path, serve: Callable[..., Any]
+) -> None:
     async with serve(_config(tmp_path)) as emulator:
         client = _client(emulator, {})
         await client.open()
@@ -205,7 +226,7 @@ async def test_client_reconnects_after_dropped_connections(tmp_path: Path) -> No
 
 
 async def test_replay_id_outside_retention_is_refused_and_fallback_replays_all(
-    tmp_path: Path,
+    tmp_path: Path, serve: Callable[..., Any]
 ) -> None:
     config = _config(tmp_path, replay_retention_seconds=1.5)
     async with serve(config) as emulator:

@@ -111,7 +111,10 @@ async def create(request: web.Request) -> web.Response:
         object_name = _type_of(item)
         if "id" in item or "Id" in item:
             raise ApiError(
-                400, "INVALID_FIELD", "cannot specify Id in an insert call", fields=("Id",)
+                400,
+                "INVALID_FIELD",
+                "cannot specify Id in an insert call",
+                fields=("Id",),
             )
         record_id = tx.create(object_name, _values(item))
         return {"id": record_id, "success": True, "errors": []}

@@ -187,7 +187,9 @@ def describe_global_entry(obj: ObjectSchema, version: str) -> dict[str, Any]:
     }
 
 
-def describe_object(schema: OrgSchema, obj: ObjectSchema, version: str) -> dict[str, Any]:
+def describe_object(
+    schema: OrgSchema, obj: ObjectSchema, version: str
+) -> dict[str, Any]:
     """Return the full describe result of one object."""
     result = describe_global_entry(obj, version)
     result.update(

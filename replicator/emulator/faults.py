@@ -134,7 +134,9 @@ class Faults:
 
 
 @web.middleware
-async def request_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def request_log_middleware(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
     """Log every ``/services/`` request before anything else looks at it."""
     if request.path.startswith("/services/"):
         raw = await request.read()

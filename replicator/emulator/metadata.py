@@ -99,7 +99,10 @@ def parse_field(path: Path) -> FieldSchema:
         nillable=not required and meta_type != "Checkbox",
         createable=not calculated,
         updateable=not calculated
-        and not (meta_type == "MasterDetail" and not _flag(root, "reparentableMasterDetail")),
+        and not (
+            meta_type == "MasterDetail"
+            and not _flag(root, "reparentableMasterDetail")
+        ),
         calculated=calculated,
         external_id=_flag(root, "externalId"),
         unique=_flag(root, "unique"),
@@ -188,7 +191,8 @@ def load_metadata(objects_dir: Path, schema: OrgSchema) -> list[str]:
             logger.info("platform event skipped", extra={"object": name})
             continue
         next_prefix += 1
-        head, tail = system_fields(owner=_text(root, "sharingModel") != "ControlledByParent")
+        owned = _text(root, "sharingModel") != "ControlledByParent"
+        head, tail = system_fields(owner=owned)
         obj.fields = {f.name: f for f in [*head, _name_field(root), *fields, *tail]}
         schema.add(obj)
         loaded.append(name)

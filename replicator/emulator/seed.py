@@ -168,7 +168,9 @@ def _child_field(
             name = field.child_relationship_name or obj.label_plural.replace(" ", "")
             if name.lower() == relationship.lower():
                 return field.name
-    raise SeedError(f"{source}: {parent.name} has no child relationship {relationship!r}")
+    raise SeedError(
+        f"{source}: {parent.name} has no child relationship {relationship!r}"
+    )
 
 
 def _account(ref: str, name: str, street: str, city: str, state: str,
@@ -189,7 +191,8 @@ def _account(ref: str, name: str, street: str, city: str, state: str,
 # state codes (NH, VT, ME), as Salesforce orgs with state picklists store them.
 STANDARD_SEED: list[dict[str, Any]] = [
     _account("StdAccount1", "Acme Tools", "12 Harbor Rd", "Portsmouth", "NH", "03801",
-             Phone="555-0100", Industry="Machinery", Rating="Warm", Type="Customer - Direct",
+             Phone="555-0100", Industry="Machinery", Rating="Warm",
+             Type="Customer - Direct",
              Contacts={"records": [
                  {"attributes": {"type": "Contact", "referenceId": "StdContact1"},
                   "FirstName": "Dana", "LastName": "Whitfield", "Salutation": "Ms.",
@@ -199,7 +202,8 @@ STANDARD_SEED: list[dict[str, Any]] = [
                   "MailingPostalCode": "03801", "MailingCountry": "US"},
              ]}),
     _account("StdAccount2", "Birch Supply", "4 Mill St", "Keene", "NH", "03431",
-             Phone="555-0200", Industry="Retail", Rating="Cold", Type="Customer - Channel",
+             Phone="555-0200", Industry="Retail", Rating="Cold",
+             Type="Customer - Channel",
              Contacts={"records": [
                  {"attributes": {"type": "Contact", "referenceId": "StdContact2"},
                   "FirstName": "Luis", "LastName": "Ortega", "Title": "Owner",

@@ -50,7 +50,9 @@ _GEOCODE_ACCURACY = (
 
 
 def _text(name: str, label: str, length: int = 255, **kw: object) -> FieldSchema:
-    return FieldSchema(name, "string", label=label, length=length, **kw)  # type: ignore[arg-type]
+    return FieldSchema(
+        name, "string", label=label, length=length, **kw  # type: ignore[arg-type]
+    )
 
 
 def _long_text(name: str, label: str, length: int = 32000) -> FieldSchema:

@@ -80,7 +80,8 @@ class ApiError(Exception):
 def format_datetime(value: datetime) -> str:
     """Render a datetime the way REST does: UTC, milliseconds, ``+0000``."""
     value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}+0000"
+    millis = value.microsecond // 1000
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{millis:03d}+0000"
 
 
 def parse_datetime(value: str) -> datetime:

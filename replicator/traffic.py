@@ -1,0 +1,119 @@
+"""Realistic ERP traffic on the Northwind schema, for the demo and benchmarks.
+
+New orders with their lines, stock and price changes, shipping, customer
+address edits and deletes, each as its own ERP transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+
+_CITIES = [("Portland", "OR", "97201", "USA"), ("Berlin", None, "12209", "Germany"),
+           ("Lyon", None, "69004", "France"), ("Seattle", "WA", "98101", "USA"),
+           ("München", None, "80805", "Germany"), ("São Paulo", "SP", "05432-043", "Brazil")]
+_STREETS = ["Obere Str. 57", "12 Harbor Rd", "4 Mill St", "Rua Orós, 92", "9 Forge Ln",
+            "Avda. de la Constitución 2222", "120 Hanover Sq."]
+
+
+@dataclass
+class TrafficStats:
+    transactions: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class NorthwindTraffic:
+    """Generate one business transaction at a time against a Northwind database."""
+
+    def __init__(self, conn: asyncpg.Connection, *, seed: int = 7) -> None:
+        self.conn = conn
+        self.rng = random.Random(seed)
+        self.stats = TrafficStats()
+        self._next_order = 0
+        self._customers: list[str] = []
+        self._products: list[int] = []
+
+    async def prepare(self) -> None:
+        self._next_order = int(await self.conn.fetchval("SELECT max(order_id) FROM orders")) + 1
+        self._customers = [r[0] for r in await self.conn.fetch("SELECT customer_id FROM customers")]
+        self._products = [r[0] for r in await self.conn.fetch("SELECT product_id FROM products")]
+
+    async def step(self) -> str:
+        kind = self.rng.choices(
+            ["order", "stock", "price", "ship", "address", "delete_line", "delete_order"],
+            weights=[30, 25, 10, 15, 10, 6, 4])[0]
+        async with self.conn.transaction():
+            await getattr(self, f"_{kind}")()
+        self.stats.transactions += 1
+        self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+        return kind
+
+    async def run(self, *, rate: float, duration: float, stop: asyncio.Event | None = None) -> None:
+        """Run ``rate`` transactions a second for ``duration`` seconds."""
+        await self.prepare()
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < duration and not (stop and stop.is_set()):
+            await self.step()
+            n += 1
+            ahead = n / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+    async def _order(self) -> None:
+        order_id = self._next_order
+        self._next_order += 1
+        city, region, postal, country = self.rng.choice(_CITIES)
+        await self.conn.execute(
+            "INSERT INTO orders (order_id, customer_id, employee_id, order_date, "
+            "required_date, ship_via, freight, ship_name, ship_address, ship_city, "
+            "ship_region, ship_postal_code, ship_country) VALUES ($1, $2, $3, "
+            "current_date, current_date + 14, $4, $5, $6, $7, $8, $9, $10, $11)",
+            order_id, self.rng.choice(self._customers), self.rng.randint(1, 9),
+            self.rng.randint(1, 3), round(self.rng.uniform(1, 300), 2),
+            "Demo shipment", self.rng.choice(_STREETS), city, region, postal, country)
+        for product in self.rng.sample(self._products, self.rng.randint(1, 4)):
+            await self.conn.execute(
+                "INSERT INTO order_details (order_id, product_id, unit_price, quantity, "
+                "discount) SELECT $1, product_id, unit_price, $2, $3 FROM products "
+                "WHERE product_id = $4", order_id, self.rng.randint(1, 40),
+                self.rng.choice([0.0, 0.05, 0.1]), product)
+
+    async def _stock(self) -> None:
+        await self.conn.execute(
+            "UPDATE products SET units_in_stock = greatest(0, units_in_stock + $1) "
+            "WHERE product_id = $2", self.rng.randint(-10, 25), self.rng.choice(self._products))
+
+    async def _price(self) -> None:
+        await self.conn.execute(
+            "UPDATE products SET unit_price = round((unit_price * $1)::numeric, 2) "
+            "WHERE product_id = $2", self.rng.choice([0.95, 1.05, 1.1]),
+            self.rng.choice(self._products))
+
+    async def _ship(self) -> None:
+        await self.conn.execute(
+            "UPDATE orders SET shipped_date = current_date WHERE order_id = ("
+            "SELECT order_id FROM orders WHERE shipped_date IS NULL ORDER BY order_id LIMIT 1)")
+
+    async def _address(self) -> None:
+        city, region, postal, country = self.rng.choice(_CITIES)
+        await self.conn.execute(
+            "UPDATE customers SET address = $1, city = $2, region = $3, postal_code = $4, "
+            "country = $5 WHERE customer_id = $6", self.rng.choice(_STREETS), city, region,
+            postal, country, self.rng.choice(self._customers))
+
+    async def _delete_line(self) -> None:
+        await self.conn.execute(
+            "DELETE FROM order_details WHERE (order_id, product_id) = (SELECT order_id, "
+            "product_id FROM order_details ORDER BY random() LIMIT 1)")
+
+    async def _delete_order(self) -> None:
+        order_id = await self.conn.fetchval(
+            "SELECT order_id FROM orders WHERE order_id >= 11000 ORDER BY random() LIMIT 1")
+        if order_id is not None:
+            await self.conn.execute("DELETE FROM order_details WHERE order_id = $1", order_id)
+            await self.conn.execute("DELETE FROM orders WHERE order_id = $1", order_id)

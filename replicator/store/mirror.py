@@ -54,10 +54,11 @@ class MirrorTable:
     key: tuple[str, ...]
     enums: dict[str, EnumType] = field(default_factory=dict)
     version: int = 0
+    schema: str = MIRROR_SCHEMA
 
     @property
     def qualified(self) -> str:
-        return f"{MIRROR_SCHEMA}.{quote_ident(self.name)}"
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
 
     @property
     def key_indexes(self) -> tuple[int, ...]:
@@ -125,10 +126,11 @@ class MirrorStore:
 
     def __init__(
         self, conn: asyncpg.Connection, stream: str,
-        ddl_conn: asyncpg.Connection | None = None,
+        ddl_conn: asyncpg.Connection | None = None, *, schema: str = MIRROR_SCHEMA,
     ) -> None:
         self.conn = conn
         self.stream = stream
+        self.schema = schema
         # ALTER TYPE ... ADD VALUE must commit before a transaction may use the
         # new label, so it runs on its own connection when one is given.
         self.ddl_conn = ddl_conn or conn
@@ -143,7 +145,8 @@ class MirrorStore:
             return None
         cols = orjson.loads(row["columns"])
         return MirrorTable(row["mirror_table"], source, [c[0] for c in cols],
-                           [c[1] for c in cols], tuple(orjson.loads(row["key_columns"])))
+                           [c[1] for c in cols], tuple(orjson.loads(row["key_columns"])),
+                           schema=self.schema)
 
     async def ensure_enum(self, enum: EnumType) -> None:
         """Create the enum in the replica, or add the labels it lacks (BUG-06)."""
@@ -176,13 +179,13 @@ class MirrorStore:
         for col in columns:
             if col.enum is not None:
                 await self.ensure_enum(col.enum)
-        target = f"{MIRROR_SCHEMA}.{quote_ident(table_name or name)}"
+        target = f"{quote_ident(self.schema)}.{quote_ident(table_name or name)}"
         body = ", ".join(f"{quote_ident(c.name)} {c.mirror_type}" for c in columns)
         pk = ", ".join(quote_ident(k) for k in key)
         await self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {target} ({body}, PRIMARY KEY ({pk}))")
         table = MirrorTable(name, source, [c.name for c in columns],
-                            [c.mirror_type for c in columns], key)
+                            [c.mirror_type for c in columns], key, schema=self.schema)
         await self.record_table(table)
         return table
 
@@ -229,7 +232,7 @@ class MirrorStore:
                         f"{quote_ident(col.name)}::text::{col.mirror_type}")
         evolved = MirrorTable(table.name, table.source, [c.name for c in columns],
                               [c.mirror_type for c in columns], table.key,
-                              version=table.version + 1)
+                              version=table.version + 1, schema=self.schema)
         await self.record_table(evolved)
         return evolved
 

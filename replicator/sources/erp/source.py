@@ -13,12 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from dataclasses import dataclass
 
 import asyncpg
 
+from replicator.backoff import Backoff
 from replicator.applier import ApplyStats, ErpApplier, SourceInfo
 from replicator.config import Settings
 from replicator.errors import (
@@ -42,25 +41,6 @@ logger = logging.getLogger(__name__)
 _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError,
                       asyncpg.CannotConnectNowError, asyncpg.ConnectionFailureError,
                       asyncpg.AdminShutdownError)
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter; the caller passes the time in."""
-
-    initial: float = 0.5
-    factor: float = 2.0
-    cap: float = 30.0
-    jitter: float = 0.2
-    attempt: int = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.initial * self.factor ** self.attempt)
-        self.attempt += 1
-        return delay * (1 + random.uniform(-self.jitter, self.jitter))
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 async def _connect(dsn: str, what: str) -> asyncpg.Connection:

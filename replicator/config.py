@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -70,6 +70,34 @@ class ErpSettings(_Frozen):
     origin: str = Field("replicator", pattern=_IDENT)  # our own write-backs
 
 
+class SalesforceSettings(_Frozen):
+    """The org: where to log in, who, and which objects to mirror."""
+
+    login_url: str = "https://login.salesforce.com"
+    grant: Literal["password", "refresh_token", "jwt", "client_credentials"] = "password"
+    client_id: str
+    client_secret_env: str | None = None
+    username: str | None = None
+    password_env: str | None = None  # the password with the security token appended
+    refresh_token_env: str | None = None
+    private_key_file: str | None = None  # for the JWT bearer flow
+    api_version: str = Field("60.0", pattern=r"^\d+\.0$")
+    objects: tuple[str, ...] = ("Account",)
+    client_name: str = Field("replicator", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    stream_prefix: str = Field("sf", pattern=_IDENT)
+    long_poll_timeout_seconds: float = Field(110.0, gt=0)
+    skew_seconds: float = Field(300.0, ge=0)  # margin for catch-up queries by SystemModstamp
+    settle_ms: int = Field(50, ge=0)  # quiet time that ends a transaction's events
+
+    def secret(self, env: str | None, what: str) -> str | None:
+        if env is None:
+            return None
+        value = os.environ.get(env)
+        if not value:
+            raise ConfigError(f"environment variable {env!r} ({what}) is empty; export it")
+        return value
+
+
 class ApplySettings(_Frozen):
     batch_changes: int = Field(20_000, ge=1, le=1_000_000)
     queue_chunks: int = Field(32, ge=1)
@@ -77,7 +105,8 @@ class ApplySettings(_Frozen):
 
 class Settings(_Frozen):
     replica: Database
-    erp: ErpSettings
+    erp: ErpSettings | None = None
+    salesforce: SalesforceSettings | None = None
     apply: ApplySettings = ApplySettings()
 
 

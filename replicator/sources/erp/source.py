@@ -21,6 +21,7 @@ from replicator.backoff import Backoff
 from replicator.applier import ApplyStats, ErpApplier, SourceInfo
 from replicator.config import Settings
 from replicator.errors import (
+    ConfigError,
     ErpConnectionError,
     ErpSetupError,
     ReplicatorError,
@@ -68,6 +69,8 @@ class ErpPipeline:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if settings.erp is None:
+            raise ConfigError("the config has no [erp] section; add one to replicate the ERP")
         self.erp_settings = settings.erp
         self.stats = ApplyStats()
         self.applier: ErpApplier | None = None

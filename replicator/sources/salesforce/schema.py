@@ -1,0 +1,117 @@
+"""Salesforce describe -> mirror table shape (pure).
+
+One naming rule for every object and field: the API name in snake case
+(``BillingCity`` -> ``billing_city``, ``ERP_Customer_Id__c`` ->
+``erp_customer_id__c``, ``PricebookEntry`` -> ``pricebook_entry``), so BI users
+recognise it and never need quotes. Types follow describe: numbers keep their
+precision and scale, datetimes become timestamptz, ids varchar(18).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from replicator.sources.erp.catalog import ColumnInfo
+
+_SPLIT_LOWER_UPPER = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_SPLIT_ACRONYM = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
+_TEXT_TYPES = frozenset({
+    "string", "textarea", "picklist", "multipicklist", "combobox", "email", "phone",
+    "url", "encryptedstring", "anyType", "base64", "complexvalue",
+})
+_COMPOUND_TYPES = frozenset({"address", "location"})
+
+
+def snake(name: str) -> str:
+    """Return ``name`` in snake case (the mirror's name for an API name)."""
+    return _SPLIT_ACRONYM.sub("_", _SPLIT_LOWER_UPPER.sub("_", name)).lower()
+
+
+def pg_type(field: Mapping[str, Any]) -> str | None:
+    """The replica type for one describe field, or None for compound fields."""
+    kind = str(field.get("type", "string"))
+    if kind in _COMPOUND_TYPES:
+        return None
+    if kind in ("id", "reference"):
+        return "varchar(18)"
+    if kind == "boolean":
+        return "boolean"
+    if kind == "int":
+        return "bigint"
+    if kind in ("double", "currency", "percent"):
+        precision, scale = int(field.get("precision") or 0), int(field.get("scale") or 0)
+        return f"numeric({precision},{scale})" if precision else "numeric"
+    if kind == "date":
+        return "date"
+    if kind == "datetime":
+        return "timestamptz"
+    if kind == "time":
+        return "time"
+    return "text"
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorField:
+    api_name: str
+    column: str
+    type: str
+    calculated: bool
+    updateable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectShape:
+    """How one object is mirrored: its table and its fields in column order."""
+
+    object_name: str
+    table: str
+    fields: tuple[MirrorField, ...]
+
+    @property
+    def by_api(self) -> dict[str, MirrorField]:
+        return {f.api_name: f for f in self.fields}
+
+    @property
+    def calculated(self) -> list[MirrorField]:
+        return [f for f in self.fields if f.calculated]
+
+    def columns(self) -> list[ColumnInfo]:
+        return [ColumnInfo(f.column, f.type) for f in self.fields]
+
+
+def shape_of(describe: Mapping[str, Any]) -> ObjectShape:
+    """Build the mirror shape of an object from its describe result."""
+    fields: list[MirrorField] = []
+    used: set[str] = set()
+    for f in describe["fields"]:
+        kind = pg_type(f)
+        if kind is None:
+            continue
+        name = str(f["name"])
+        column = snake(name)
+        if column in used:  # two API names with one snake form: keep them apart
+            column = name.lower()
+        used.add(column)
+        fields.append(MirrorField(name, column, kind, bool(f.get("calculated")),
+                                  bool(f.get("updateable"))))
+    return ObjectShape(str(describe["name"]), snake(str(describe["name"])), tuple(fields))
+
+
+def to_text(value: Any) -> str | None:
+    """Render a JSON value as text the replica casts into the column type."""
+    if value is None:
+        return None
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (dict, list)):
+        import orjson
+
+        return orjson.dumps(value).decode()
+    return str(value)

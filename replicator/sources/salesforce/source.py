@@ -1,0 +1,236 @@
+"""The Salesforce source end to end: describe, initial load, stream, catch-up.
+
+Order of work at start-up: describe every object and shape its mirror; open
+the stream (objects without a checkpoint subscribe for new events only);
+load those objects over REST once subscribed, so no change between load and
+stream is missed (the mirror's SystemModstamp guard drops what the load
+already holds). Events are applied in batches that end when the stream goes
+quiet, each batch one replica transaction with its replay ids.
+
+A replay id outside the retention window heals itself: the object is caught
+up by SystemModstamp since the last applied event (minus a skew margin), and
+its stream restarts from the tip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from replicator.backoff import Backoff
+from replicator.config import SalesforceSettings, Settings
+from replicator.errors import ConfigError, ReplicatorError, StoreConnectionError, StoreError
+from replicator.sources.erp.snapshot import SESSION_SETTINGS
+from replicator.sources.salesforce.applier import SfApplier
+from replicator.sources.salesforce.cdc import CompoundMap, MalformedEvent, RecordChange, parse_message
+from replicator.sources.salesforce.rest import RestClient
+from replicator.store import checkpoints
+from replicator.store.mirror import MirrorStore
+from replicator.store.tables import create_schema
+
+logger = logging.getLogger(__name__)
+
+_BATCH_EVENTS = 2000
+
+
+def build_authenticator(cfg: SalesforceSettings) -> Any:
+    """Create the authenticator the settings describe."""
+    from replicator.sources.salesforce.auth import Authenticator, Credentials
+
+    key = None
+    if cfg.private_key_file:
+        with open(cfg.private_key_file) as fh:
+            key = fh.read()
+    return Authenticator(Credentials(
+        login_url=cfg.login_url, client_id=cfg.client_id,
+        client_secret=cfg.secret(cfg.client_secret_env, "client secret"),
+        username=cfg.username, password=cfg.secret(cfg.password_env, "password"),
+        refresh_token=cfg.secret(cfg.refresh_token_env, "refresh token"),
+        private_key_pem=key, grant=cfg.grant))
+
+
+class SalesforcePipeline:
+    """Mirror the configured Salesforce objects into the replica's ``sf`` schema."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.salesforce is None:
+            raise ConfigError("the config has no [salesforce] section; add one to mirror the org")
+        self.settings = settings
+        self.cfg = settings.salesforce
+        self.applier: SfApplier | None = None
+        self.ready = asyncio.Event()
+        self.loaded = asyncio.Event()
+        self._positions: dict[str, int] = {}
+        self._last_commit: dict[str, dt.datetime] = {}
+
+    @property
+    def stats(self) -> Any:
+        return self.applier.stats if self.applier else None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                await self.run_once(stop)
+                return
+            except ReplicatorError as exc:
+                if not exc.retriable:
+                    raise
+                delay = backoff.next_delay()
+                logger.error("salesforce pipeline failed, retrying: %s", exc,
+                             extra={"retry_in": round(delay, 2)})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+
+    async def run_once(self, stop: asyncio.Event) -> None:
+        try:
+            replica = await asyncpg.connect(self.settings.replica.resolve(),
+                                            server_settings=SESSION_SETTINGS)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreConnectionError(f"cannot connect to the replica: {exc}") from exc
+        auth = build_authenticator(self.cfg)
+        try:
+            async with aiohttp.ClientSession() as http:
+                await auth.login()
+                rest = RestClient(auth, http, api_version=self.cfg.api_version,
+                                  client_name=self.cfg.client_name)
+                await create_schema(replica)
+                store = MirrorStore(replica, self.cfg.stream_prefix, schema="sf")
+                self.applier = SfApplier(store, rest, stream_prefix=self.cfg.stream_prefix,
+                                         skew=dt.timedelta(seconds=self.cfg.skew_seconds))
+                await self._prepare(replica)
+                await self._stream(auth, stop)
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            raise StoreConnectionError(f"replica connection lost: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"replica rejected a change: {exc}") from exc
+        finally:
+            self.ready.clear()
+            replica.terminate()
+
+    async def _prepare(self, replica: asyncpg.Connection) -> None:
+        assert self.applier is not None
+        compounds: dict[str, CompoundMap] = {}
+        for name in self.cfg.objects:
+            state = await self.applier.prepare(name)
+            describe = await self.applier.rest.describe(name)
+            compounds[state.shape.object_name] = CompoundMap.from_describe(describe["fields"])
+            cp = await checkpoints.load(replica, self.applier.stream_name(state.channel))
+            if cp is None:
+                self._positions[state.channel] = -1
+            else:
+                self._positions[state.channel] = int(cp.position)
+                commit_ms = cp.details.get("commit_ms")
+                if commit_ms:
+                    self._last_commit[state.channel] = dt.datetime.fromtimestamp(
+                        commit_ms / 1000, tz=dt.UTC)
+        self._compounds = compounds
+
+    def _replay_for(self, channel: str) -> int | None:
+        position = self._positions.get(channel, -1)
+        return None if position == -1 else position
+
+    async def _stream(self, auth: Any, stop: asyncio.Event) -> None:
+        from replicator.sources.salesforce.streaming import SalesforceStream
+        from replicator.errors import ReplayOutOfWindowError
+
+        assert self.applier is not None
+        applier = self.applier
+        self._to_load = [o for o, s in applier.objects.items()
+                         if self._positions[s.channel] == -1]
+        self._to_catch_up: dict[str, dt.datetime | None] = {}
+        while not stop.is_set():
+            channels = [s.channel for s in applier.objects.values()]
+            stream = SalesforceStream(
+                auth, channels, self._replay_for, api_version=self.cfg.api_version,
+                long_poll_timeout=self.cfg.long_poll_timeout_seconds,
+                client_name=self.cfg.client_name)
+            try:
+                async with stream:
+                    await self._consume(stream, stop)
+                    return
+            except ReplayOutOfWindowError as exc:
+                await self._heal(exc.channel)
+
+    async def _heal(self, channel: str) -> None:
+        """The stored replay id is gone: catch the object up, restart from the tip."""
+        assert self.applier is not None
+        obj = next(o for o, s in self.applier.objects.items() if s.channel == channel)
+        since = self._last_commit.get(channel)
+        logger.warning("replay id outside the retention window, catching up", extra={
+            "object": obj, "channel": channel, "replay_id": self._positions.get(channel)})
+        # The catch-up runs once the new stream is subscribed from the tip, so
+        # nothing committed in between is missed; the guard drops the overlap.
+        self._positions[channel] = -1
+        self._to_catch_up[obj] = since
+
+    async def _consume(self, stream: Any, stop: asyncio.Event) -> None:
+        assert self.applier is not None
+        applier = self.applier
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
+
+        async def read() -> None:
+            async for event in stream:
+                await queue.put(event)
+
+        async with asyncio.TaskGroup() as tg:
+            reader = tg.create_task(read(), name="source:salesforce:read")
+            while self._to_load:
+                obj = self._to_load[0]
+                await applier.load(obj)
+                self._positions[applier.objects[obj].channel] = -2
+                self._to_load.pop(0)
+            for obj, since in list(self._to_catch_up.items()):
+                await applier.catch_up(obj, since, reason="replay id outside retention window")
+                self._positions[applier.objects[obj].channel] = -2
+                del self._to_catch_up[obj]
+            self.loaded.set()
+            self.ready.set()
+            stopper = tg.create_task(stop.wait(), name="source:salesforce:stop")
+            while not stop.is_set():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, stopper, reader},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    if reader in done and reader.exception() is not None:
+                        raise reader.exception()  # type: ignore[misc]
+                    break
+                batch = [getter.result()]
+                await self._settle(queue, batch)
+                await self._apply(batch)
+            reader.cancel()
+            stopper.cancel()
+
+    async def _settle(self, queue: asyncio.Queue[Any], batch: list[Any]) -> None:
+        """Gather events until the stream is quiet for ``settle_ms`` (a transaction's end)."""
+        while len(batch) < _BATCH_EVENTS:
+            try:
+                async with asyncio.timeout(self.cfg.settle_ms / 1000):
+                    batch.append(await queue.get())
+            except TimeoutError:
+                return
+
+    async def _apply(self, events: list[Any]) -> None:
+        assert self.applier is not None
+        changes: list[RecordChange] = []
+        for event in events:
+            try:
+                changes += parse_message(event.raw, self._compounds)
+            except MalformedEvent as exc:
+                async with self.applier.store.conn.transaction():
+                    await self.applier.dead_letter(None, str(exc), raw=event.raw,
+                                                   channel=event.channel, entity="?")
+        if changes:
+            await self.applier.apply(changes)
+            for change in changes:
+                if change.replay_id > self._positions.get(change.channel, -1):
+                    self._positions[change.channel] = change.replay_id
+                    self._last_commit[change.channel] = change.commit_time

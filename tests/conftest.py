@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests.fixtures.pg"]
+pytest_plugins = ["tests.fixtures.pg", "tests.fixtures.emulator"]

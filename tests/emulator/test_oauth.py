@@ -18,7 +18,7 @@ from simple_salesforce import Salesforce
 from replicator.emulator.app import EmulatorConfig
 from replicator.emulator.oauth import TokenStore, token_from_header
 
-from tests.emulator.conftest import Served, ServeEmulator
+from tests.fixtures.emulator import Served, ServeEmulator
 
 
 async def _token_call(

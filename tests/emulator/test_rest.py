@@ -15,7 +15,7 @@ from simple_salesforce.exceptions import SalesforceError
 from replicator.emulator.app import EmulatorConfig
 from replicator.emulator.ids import make_id
 from replicator.emulator.state import RecordChange
-from tests.emulator.conftest import Served, ServeEmulator
+from tests.fixtures.emulator import Served, ServeEmulator
 
 V = "/services/data/v60.0"
 

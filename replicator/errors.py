@@ -7,6 +7,11 @@
     ├── SourceError
     │   ├── ErpError             the ERP database or its replication stream
     │   └── SalesforceError      the org, its REST API or its streaming API
+    │       ├── SalesforceAuthError          credentials refused (not retriable)
+    │       ├── SalesforceConnectionError    the org could not be reached
+    │       ├── SalesforceStreamError        a streaming session failed or stalled
+    │       │   └── SalesforceSubscribeError a channel refused (not retriable)
+    │       └── ReplayOutOfWindowError       stored replay id no longer retained
     ├── StoreError               the replica database
     ├── SinkError                a write-back to a source failed
     ├── ApplyError               one event cannot be applied; it is dead-lettered
@@ -54,6 +59,49 @@ class ErpConnectionError(ErpError, ConnectionError):
 
 class SalesforceError(SourceError):
     """The org, its REST API or its streaming API failed."""
+
+
+class SalesforceAuthError(SalesforceError):
+    """The token endpoint refused the credentials; an operator must fix them."""
+
+    retriable = False
+
+
+class SalesforceConnectionError(SalesforceError, ConnectionError):
+    """The org could not be reached, or a connection to it dropped."""
+
+
+class SalesforceStreamError(SalesforceError):
+    """A Streaming API session failed, was lost or stalled; it is reopened."""
+
+
+class SalesforceSubscribeError(SalesforceStreamError):
+    """A channel refused the subscription (unknown channel, no access)."""
+
+    retriable = False
+
+
+class ReplayOutOfWindowError(SalesforceError):
+    """A stored replay id is outside the retention window: a gap to heal.
+
+    Not retriable as is: subscribing again with the same id fails again, and
+    falling back to -1 or -2 silently loses or re-applies events (BUG-18). The
+    caller catches up the channel's objects, then subscribes with -1.
+    """
+
+    retriable = False
+
+    def __init__(self, channel: str, replay_id: int) -> None:
+        super().__init__(
+            f"replay id {replay_id} of channel {channel!r} is outside the "
+            "retention window; catch up the channel's objects, then subscribe "
+            "with -1"
+        )
+        self.channel = channel
+        self.replay_id = replay_id
+
+    def __reduce__(self) -> tuple[type[ReplayOutOfWindowError], tuple[str, int]]:
+        return (type(self), (self.channel, self.replay_id))
 
 
 class StoreError(ReplicatorError):

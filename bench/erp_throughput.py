@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -197,6 +198,16 @@ def child(args: dict[str, Any]) -> None:
                 "publication": PUBLICATION, "create_publication": False},
     })
 
+    gc_time = [0.0, 0.0]
+
+    def gc_timer(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_time[1] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - gc_time[1]
+
+    gc.callbacks.append(gc_timer)
+
     async def main() -> dict[str, Any]:
         pipeline = ErpPipeline(settings)
         stop = asyncio.Event()
@@ -215,13 +226,15 @@ def child(args: dict[str, Any]) -> None:
         ready = asyncio.create_task(pipeline.ready.wait())
         await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
         start, cpu, at_ready = time.perf_counter(), os.times(), rss_kb()
+        gc_time[0] = 0.0
         print("READY", flush=True)
         stats = await run
         end, cpu_end = time.perf_counter(), os.times()
         if args["follow"]:
             eof.cancel()
         return {"seconds": end - start, "changes": stats.changes,
-                "batches": stats.batches, "rss_ready_kb": at_ready["VmRSS"],
+                "batches": stats.batches, "gc_seconds": round(gc_time[0], 3),
+                "rss_ready_kb": at_ready["VmRSS"],
                 "peak_rss_kb": rss_kb()["VmHWM"],
                 "cpu_seconds": (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system)}
 

@@ -26,7 +26,7 @@ from typing import IO, Any
 import asyncpg
 
 from replicator.errors import InvariantError
-from replicator.sources.erp.catalog import Catalog, ColumnInfo
+from replicator.sources.erp.catalog import Catalog, ColumnInfo, EnumType
 from replicator.sources.erp.pgoutput import (
     Begin,
     Commit,
@@ -60,6 +60,11 @@ _STREAMABLE = frozenset({Relation, TypeMessage, Insert, Update, Delete, Truncate
                          LogicalMessage})
 
 
+def _array_labels(text: str) -> tuple[str, ...]:
+    """Split an enum array's text (``{a,"b c"}``) into labels, well enough to spot new ones."""
+    return tuple(part.strip().strip('"') for part in text.strip("{}").split(",") if part)
+
+
 def _outside_stream(msg: Message) -> Message:
     """Return a spooled message as if it had been sent outside a stream."""
     if isinstance(msg, Relation):
@@ -74,6 +79,9 @@ class Route:
     table: MirrorTable
     positions: tuple[int, ...] | None  # mirror index -> relation index; None: same order
     key_positions: tuple[int, ...]  # relation indexes of the mirror key
+    # (mirror index, enum type, is an array) of each enum column: labels added
+    # with ALTER TYPE ... ADD VALUE come with no new Relation message (BUG-06)
+    enums: tuple[tuple[int, EnumType, bool], ...] = ()
 
 
 @dataclass(slots=True)
@@ -253,6 +261,8 @@ class ErpApplier:
                     # REPLICA IDENTITY FULL: the old row holds unchanged TOAST values
                     new = tuple(o if v is UNCHANGED else v for v, o in zip(new, msg.old, strict=True))
             values = new if route.positions is None else tuple(new[i] for i in route.positions)
+            if route.enums:
+                await self._check_labels(route, values)
             changes.put(tuple(new[i] for i in kp), values)
         self._pending_rows += 1
         self._uncommitted_changes += 1
@@ -270,6 +280,11 @@ class ErpApplier:
             source = f"{info.root_schema}.{info.root_name}"
             key, by_name = info.key, info.columns
         columns = [by_name.get(c.name) or ColumnInfo(c.name, "text") for c in rel.columns]
+        if info is not None and info.oid != info.root_oid:
+            # A partition's own column order may differ from its root's (ATTACH
+            # PARTITION of an existing table): the mirror follows the root (BUG-03).
+            order = {name: i for i, name in enumerate(by_name)}
+            columns.sort(key=lambda c: order.get(c.name, len(order)))
         for col in columns:
             if col.enum is not None:
                 await self.store.ensure_enum(col.enum)  # labels added since (BUG-06)
@@ -298,7 +313,29 @@ class ErpApplier:
             raise InvariantError(f"relation {rel.qualified_name} lacks mirror columns")
         self._routes[rel.oid] = Route(
             table, None if positions == tuple(range(len(names))) else positions,
-            tuple(names.index(k) for k in table.key))
+            tuple(names.index(k) for k in table.key),
+            tuple((table.columns.index(c.name), c.enum, c.mirror_type.endswith("[]"))
+                  for c in columns if c.enum is not None and c.name in table.columns))
+
+    async def _check_labels(self, route: Route, values: tuple[Any, ...]) -> None:
+        """Add enum labels the mirror lacks before a row that uses them is applied."""
+        for index, enum, is_array in route.enums:
+            value = values[index]
+            if not isinstance(value, str):
+                continue
+            used = _array_labels(value) if is_array else (value,)
+            if all(label in enum.labels for label in used):
+                continue
+            fresh = await self.catalog.enum_named(enum.schema, enum.name)
+            if fresh is None or fresh.labels == enum.labels:
+                continue  # nothing new at the source: let the replica judge the value
+            await self.store.ensure_enum(fresh)
+            logger.info("enum labels refreshed from the source", extra={
+                "type": f"{enum.schema}.{enum.name}",
+                "labels": [lb for lb in fresh.labels if lb not in enum.labels]})
+            for other in self._routes.values():  # every route using the type
+                other.enums = tuple((i, fresh if e == enum else e, a)
+                                    for i, e, a in other.enums)
 
     def _reroute(self, table: MirrorTable) -> None:
         for route in self._routes.values():
@@ -371,7 +408,10 @@ class ErpApplier:
         await checkpoints.save(self.store.conn, Checkpoint(
             self.source.stream, lsn_to_str(end), end, self.source.system_identifier,
             self.source.timeline, self.source.slot_name,
-        ), reason="apply", changes=self._uncommitted_changes)
+        ), reason="apply", changes=self._uncommitted_changes,
+            # transactions with nothing published (empty streamed ones) only move
+            # the position, like an idle advance: no history row (BUG-16)
+            history=self._uncommitted_changes > 0)
         assert self._tx is not None
         await self._tx.commit()
         self._tx = None

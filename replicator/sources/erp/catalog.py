@@ -112,6 +112,14 @@ class Catalog:
             "WHERE t.oid = $1", type_oid)
         return EnumType(row[0], row[1], tuple(row[2]))
 
+    async def enum_named(self, schema: str, name: str) -> EnumType | None:
+        """Return the enum ``schema.name`` with its labels as of now, if it exists."""
+        oid = await self._conn.fetchval(
+            "SELECT t.oid::int FROM pg_type t JOIN pg_namespace n ON n.oid = "
+            "t.typnamespace WHERE n.nspname = $1 AND t.typname = $2 AND t.typtype = 'e'",
+            schema, name)
+        return None if oid is None else await self.enum(oid)
+
     async def _column(self, col: asyncpg.Record) -> ColumnInfo:
         name, missing = col["attname"], col["missing"]
         if missing is not None:

@@ -242,10 +242,16 @@ class ErpPipeline:
                 await queue.put(item)
 
         async def heartbeat() -> None:
-            while True:
-                await asyncio.sleep(cfg.heartbeat_seconds)
-                await erp.execute(
-                    "SELECT pg_logical_emit_message(false, 'replicator.heartbeat', '')")
+            # A connection of its own: the applier's catalog look-ups use ``erp``,
+            # and asyncpg refuses two operations at once on one connection.
+            conn = await _connect(cfg.database.resolve(), "ERP")
+            try:
+                while True:
+                    await asyncio.sleep(cfg.heartbeat_seconds)
+                    await conn.execute(
+                        "SELECT pg_logical_emit_message(false, 'replicator.heartbeat', '')")
+            finally:
+                conn.terminate()
 
         async def consume() -> None:
             while not stop.is_set():

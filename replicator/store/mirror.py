@@ -102,7 +102,46 @@ def _copy_field(value: Value) -> str:
 
 
 def render_copy(changes: TableChanges) -> tuple[bytes, dict[tuple[int, ...], int]]:
-    """Render the staging COPY text; return it with the partial-row groups."""
+    """Render the staging COPY text; return it with the partial-row groups.
+
+    Rows are joined as they are, NULLs as ``\\N``, and the whole text is then
+    checked once: when it holds exactly the separators and NULL markers put in,
+    no value held a character COPY escapes. Otherwise, or for bytes values and
+    patches, every value goes through ``_copy_field``.
+    """
+    rows = changes.rows
+    width = len(changes.table.columns)
+    key_idx = changes.table.key_indexes
+    lines: list[str] = []
+    append = lines.append
+    nulls = 0
+    try:
+        for key, (op, values) in rows.items():
+            if op is OP_UPSERT:
+                if None in values:
+                    nulls += values.count(None)
+                    values = tuple("\\N" if v is None else v for v in values)
+                append("U\t0\t" + "\t".join(values))  # type: ignore[arg-type]
+            elif op is OP_DELETE:
+                row: list[Value] = ["\\N"] * width
+                for i, k in zip(key_idx, key, strict=True):
+                    row[i] = k
+                nulls += width - len(key)
+                append("D\t0\t" + "\t".join(row))  # type: ignore[arg-type]
+            else:
+                return _render_copy_escaped(changes)
+    except TypeError:  # a bytes or NULL key value
+        return _render_copy_escaped(changes)
+    text = "\n".join(lines) + "\n"
+    if (text.count("\\") == nulls and "\r" not in text
+            and text.count("\n") == len(rows) and text.count("\t") == (width + 1) * len(rows)):
+        return text.encode(), {}
+    return _render_copy_escaped(changes)
+
+
+def _render_copy_escaped(
+    changes: TableChanges,
+) -> tuple[bytes, dict[tuple[int, ...], int]]:
     lines: list[str] = []
     groups: dict[tuple[int, ...], int] = {}
     width = len(changes.table.columns)

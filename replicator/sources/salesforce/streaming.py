@@ -47,6 +47,7 @@ from aiocometd_ng.exceptions import (
     TransportTimeoutError,
 )
 from aiocometd_ng.extensions import Extension
+from aiocometd_ng.transports.base import TransportBase
 from aiocometd_ng.typing import Headers, JsonObject, Payload
 from aiosfstream_ng.auth import AuthenticatorBase
 from aiosfstream_ng.client import Client as SalesforceClient
@@ -393,6 +394,9 @@ class SalesforceStream:
         """Turn the libraries' exceptions into ``SalesforceError``s."""
         try:
             yield
+        except _RefusedForAnotherReason as exc:
+            reason = ServerError("handshake refused", exc.reply)
+            raise self._server_error(reason) from exc
         except AuthenticationError as exc:
             failure = self._bridge.failure or SalesforceAuthError(
                 "the streaming endpoint refused the session after a new login"
@@ -480,8 +484,14 @@ class _SessionBridge(AuthenticatorBase):
         return session
 
     async def authenticate(self) -> None:
-        if self.monitor is not None and self.monitor.session_lost:
-            return  # a new token would not bring the session back
+        reply = self.monitor.last_failure if self.monitor is not None else None
+        if reply is not None and not _is_token_refusal(reply):
+            # A lost session or a denied handshake (concurrent-user limit):
+            # a new token would not help. The library re-sends after this;
+            # for a handshake that would double every attempt (BUG-20).
+            if reply.get("channel") == MetaChannel.HANDSHAKE:
+                raise _RefusedForAnotherReason(reply)
+            return
         self.access_token = self.token_type = None
         try:
             session = await self._auth.refresh(stale_token=self._last_token)
@@ -515,6 +525,24 @@ class _SessionBridge(AuthenticatorBase):
         self.access_token = self._last_token = session.access_token
         self.token_type = "Bearer"
         self.instance_url = session.instance_url
+
+
+class _RefusedForAnotherReason(AuthenticationError):
+    """A 403 reply the library took for an auth failure; ``reply`` says why."""
+
+    def __init__(self, reply: JsonObject) -> None:
+        super().__init__("refused, not for the token", reply)
+        self.reply = reply
+
+
+def _is_token_refusal(reply: JsonObject) -> bool:
+    """Whether a failed reply means the token is bad (reference §1.6, §2.2)."""
+    ext = reply.get("ext")
+    sfdc = ext.get("sfdc") if isinstance(ext, dict) else None
+    reason = sfdc.get("failureReason") if isinstance(sfdc, dict) else None
+    return str(reply.get("error", "")).startswith("401") or str(reason).startswith(
+        "401"
+    )
 
 
 class _ReplayExtension(ReplayMarkerStorage):
@@ -556,12 +584,8 @@ class _Monitor(Extension):
         self.last_delivery = now
         self.handshake_at: float | None = None
         self.subscribed: set[str] = set()
-        self.last_error: str | None = None
+        self.last_failure: JsonObject | None = None
         self._timeout: int | float | None = None
-
-    @property
-    def session_lost(self) -> bool:
-        return bool(self.last_error and self.last_error.startswith("403::Unknown"))
 
     async def outgoing(self, payload: Payload, headers: Headers) -> None:
         for message in payload:
@@ -578,14 +602,14 @@ class _Monitor(Extension):
             if not str(channel).startswith("/meta/"):
                 continue
             if message.get("successful") is not True:
-                self.last_error = str(message.get("error", ""))
+                self.last_failure = message
                 logger.debug(
                     "salesforce streaming reply failed",
-                    extra={"channel": channel, "error": self.last_error},
+                    extra={"channel": channel, "error": message.get("error")},
                 )
             elif channel == MetaChannel.CONNECT:
                 self.last_connect = now
-                self.last_error = None
+                self.last_failure = None
                 self.stats.connects += 1
                 self.stats.last_connect_at = time.time()
             elif channel == MetaChannel.HANDSHAKE:
@@ -683,6 +707,11 @@ class _Client(SalesforceClient):
         pending: list[JsonObject] = []
         try:
             if transport is not None:
+                task = getattr(transport, "_connect_task", None)
+                if isinstance(transport, TransportBase) and task is not None:
+                    # Its callback calls result() on the cancelled task and
+                    # asyncio logs the CancelledError as an unhandled error.
+                    task.remove_done_callback(transport._connect_done)
                 async with asyncio.timeout(_CLOSE_TIMEOUT):
                     await transport.disconnect()
                 await transport.close()

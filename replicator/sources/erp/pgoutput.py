@@ -184,6 +184,9 @@ Message = (
 )
 
 
+_new_tuple = tuple.__new__
+
+
 def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     end = buf.index(b"\0", pos)
     return buf[pos:end].decode(), end + 1
@@ -224,14 +227,14 @@ class Decoder:
         self.in_stream = False
 
     def decode(self, buf: bytes) -> Message:
-        kind = buf[0:1]
-        handler = _HANDLERS.get(kind)
+        handler = _HANDLERS.get(buf[0]) if buf else None
         if handler is None:
-            raise DecodeError(f"unknown pgoutput message type {kind!r}")
+            raise DecodeError(f"unknown pgoutput message type {buf[0:1]!r}")
         try:
             return handler(self, buf)
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"malformed pgoutput {kind!r} message: {exc}") from exc
+            raise DecodeError(
+                f"malformed pgoutput {buf[0:1]!r} message: {exc}") from exc
 
     def _xid(self, buf: bytes) -> tuple[int | None, int]:
         if self.in_stream:
@@ -276,16 +279,19 @@ class Decoder:
         name, _ = _cstring(buf, pos)
         return TypeMessage(oid, namespace, name, xid)
 
+    # Row messages are most of a stream: they skip the NamedTuple constructor
+    # (a Python-level function) and build the tuple directly.
+
     def _insert(self, buf: bytes) -> Insert:
-        xid, pos = self._xid(buf)
+        xid, pos = self._xid(buf) if self.in_stream else (None, 1)
         (oid,) = _U32.unpack_from(buf, pos)
         if buf[pos + 4] != 0x4E:  # 'N'
             raise DecodeError("insert without a new tuple")
         new, _ = decode_tuple(buf, pos + 5)
-        return Insert(oid, new, xid)
+        return _new_tuple(Insert, (oid, new, xid))
 
     def _update(self, buf: bytes) -> Update:
-        xid, pos = self._xid(buf)
+        xid, pos = self._xid(buf) if self.in_stream else (None, 1)
         (oid,) = _U32.unpack_from(buf, pos)
         pos += 4
         old: Tuple | None = None
@@ -298,16 +304,16 @@ class Decoder:
         if marker != 0x4E:
             raise DecodeError("update without a new tuple")
         new, _ = decode_tuple(buf, pos + 1)
-        return Update(oid, old, key_only, new, xid)
+        return _new_tuple(Update, (oid, old, key_only, new, xid))
 
     def _delete(self, buf: bytes) -> Delete:
-        xid, pos = self._xid(buf)
+        xid, pos = self._xid(buf) if self.in_stream else (None, 1)
         (oid,) = _U32.unpack_from(buf, pos)
         marker = buf[pos + 4]
         if marker not in (0x4B, 0x4F):
             raise DecodeError("delete without an old key or row")
         old, _ = decode_tuple(buf, pos + 5)
-        return Delete(oid, old, marker == 0x4B, xid)
+        return _new_tuple(Delete, (oid, old, marker == 0x4B, xid))
 
     def _truncate(self, buf: bytes) -> Truncate:
         xid, pos = self._xid(buf)
@@ -344,18 +350,18 @@ class Decoder:
 
 
 _HANDLERS = {
-    b"B": Decoder._begin,
-    b"C": Decoder._commit,
-    b"O": Decoder._origin,
-    b"R": Decoder._relation,
-    b"Y": Decoder._type,
-    b"I": Decoder._insert,
-    b"U": Decoder._update,
-    b"D": Decoder._delete,
-    b"T": Decoder._truncate,
-    b"M": Decoder._message,
-    b"S": Decoder._stream_start,
-    b"E": Decoder._stream_stop,
-    b"c": Decoder._stream_commit,
-    b"A": Decoder._stream_abort,
+    ord("B"): Decoder._begin,
+    ord("C"): Decoder._commit,
+    ord("O"): Decoder._origin,
+    ord("R"): Decoder._relation,
+    ord("Y"): Decoder._type,
+    ord("I"): Decoder._insert,
+    ord("U"): Decoder._update,
+    ord("D"): Decoder._delete,
+    ord("T"): Decoder._truncate,
+    ord("M"): Decoder._message,
+    ord("S"): Decoder._stream_start,
+    ord("E"): Decoder._stream_stop,
+    ord("c"): Decoder._stream_commit,
+    ord("A"): Decoder._stream_abort,
 }

@@ -46,11 +46,33 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 
 
 async def serve(settings: Settings, stop: asyncio.Event, *, until_caught_up: bool) -> None:
-    pipeline = ErpPipeline(settings)
+    """Run every configured source until ``stop`` is set."""
     logger.info("daemon started", extra={"pid": os.getpid()})
-    stats = await pipeline.run(stop, until_caught_up=until_caught_up)
-    logger.info("daemon stopped", extra={
-        "transactions": stats.transactions, "changes": stats.changes})
+    async with asyncio.TaskGroup() as tg:
+        if settings.erp is not None:
+            erp = ErpPipeline(settings)
+            tg.create_task(erp.run(stop, until_caught_up=until_caught_up),
+                           name=f"source:erp:{settings.erp.slot}")
+        if settings.salesforce is not None:
+            from replicator.sources.salesforce.source import SalesforcePipeline
+
+            sf = SalesforcePipeline(settings)
+            tg.create_task(sf.run(stop), name="source:salesforce")
+            if until_caught_up:
+                tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet")
+    logger.info("daemon stopped")
+
+
+async def _stop_when_quiet(pipeline: Any, stop: asyncio.Event, quiet: float = 3.0) -> None:
+    """For --until-caught-up: stop once the org's stream has been quiet for a while."""
+    await pipeline.ready.wait()
+    last = -1
+    while not stop.is_set():
+        await asyncio.sleep(quiet)
+        seen = pipeline.stats.events if pipeline.stats else 0
+        if seen == last:
+            stop.set()
+        last = seen
 
 
 def run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -24,6 +24,7 @@ translated where the library is called and never travel further in.
 
 from __future__ import annotations
 
+from asyncio import CancelledError
 from typing import ClassVar
 
 
@@ -126,3 +127,13 @@ class ApplyError(ReplicatorError):
 
 class InvariantError(ReplicatorError):
     """A state that must never happen; the component stops."""
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Return the first exception of a task group that is not a cancellation."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if not isinstance(exc, CancelledError):
+            return exc
+    return group.exceptions[0]

@@ -56,7 +56,7 @@ async def compare_table(
     src = f"{quote_ident(schema)}.{quote_ident(name)}"
     dst = f"{MIRROR_SCHEMA}.{quote_ident(mirror)}"
     template = "SELECT ROW({keys})::text, ROW({cols})::text FROM {table} ORDER BY {keys}"
-    report = TableReport(mirror)
+    report = TableReport(f"erp.{mirror}")
     # The mirror side is held as key -> digest of the row: bounded by the key
     # count, and independent of how either server orders keys.
     mirrored: dict[str, bytes] = {}
@@ -112,7 +112,7 @@ def print_reports(reports: list[TableReport]) -> bool:
     width = max((len(r.table) for r in reports), default=5)
     for r in reports:
         status = "ok" if r.ok else f"DIFFERS ({r.mismatches} rows)"
-        print(f"  erp.{r.table:<{width}}  {r.source_rows:>7} source rows  "
+        print(f"  {r.table:<{width}}  {r.source_rows:>7} source rows  "
               f"{r.mirror_rows:>7} mirror rows  {status}")
         for row in r.missing:
             print(f"      missing in mirror: {row}")
@@ -132,5 +132,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = config_module.load(args.config)
-    reports = asyncio.run(verify_erp(settings))
-    return 0 if print_reports(reports) else 1
+
+    async def both() -> list[TableReport]:
+        reports = await verify_erp(settings) if settings.erp else []
+        return reports + (await verify_sf(settings) if settings.salesforce else [])
+
+    return 0 if print_reports(asyncio.run(both())) else 1
+
+
+async def verify_sf(settings: Settings, *, sample: int = 5) -> list[TableReport]:
+    """Compare each mirrored Salesforce object with the org, read over REST now.
+
+    The org's records are cast by the replica into the mirror's column types
+    (a temporary copy of the table), then both sides are compared with EXCEPT.
+    Records in the recycle bin are compared with the mirror's ``is_deleted`` rows.
+    """
+    import aiohttp
+
+    from replicator.sources.salesforce.rest import RestClient
+    from replicator.sources.salesforce.schema import shape_of, to_text
+    from replicator.sources.salesforce.source import build_authenticator
+
+    cfg = settings.salesforce
+    assert cfg is not None
+    auth = build_authenticator(cfg)
+    replica = await asyncpg.connect(settings.replica.resolve(), server_settings=SESSION_SETTINGS)
+    reports = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            await auth.login()
+            rest = RestClient(auth, http, api_version=cfg.api_version)
+            for obj in cfg.objects:
+                shape = shape_of(await rest.describe(obj))
+                table = f"sf.{quote_ident(shape.table)}"
+                cols = ", ".join(quote_ident(f.column) for f in shape.fields)
+                casts = ", ".join(f"${i + 1}::text::{f.type}" for i, f in enumerate(shape.fields))
+                soql = "SELECT " + ", ".join(f.api_name for f in shape.fields) + f" FROM {obj}"
+                rows = [tuple(to_text(r.get(f.api_name)) for f in shape.fields)
+                        async for r in rest.query(soql, include_deleted=True)]
+                async with replica.transaction():
+                    await replica.execute(
+                        f"CREATE TEMP TABLE _org (LIKE {table}) ON COMMIT DROP")
+                    await replica.executemany(
+                        f"INSERT INTO _org ({cols}) VALUES ({casts})", rows)
+                    report = TableReport(f"sf.{shape.table}", len(rows),
+                                         await replica.fetchval(f"SELECT count(*) FROM {table}"))
+                    missing = await replica.fetch(
+                        f"SELECT ROW({cols})::text FROM _org EXCEPT "
+                        f"SELECT ROW({cols})::text FROM {table}")
+                    extra = await replica.fetch(
+                        f"SELECT ROW({cols})::text FROM {table} EXCEPT "
+                        f"SELECT ROW({cols})::text FROM _org")
+                report.mismatches = len(missing) + len(extra)
+                report.missing = [r[0] for r in missing[:sample]]
+                report.extra = [r[0] for r in extra[:sample]]
+                reports.append(report)
+    finally:
+        await replica.close()
+    return reports

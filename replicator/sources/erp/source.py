@@ -21,6 +21,7 @@ from replicator.backoff import Backoff
 from replicator.applier import ApplyStats, ErpApplier, SourceInfo
 from replicator.config import Settings
 from replicator.errors import (
+    first_error,
     ConfigError,
     ErpConnectionError,
     ErpSetupError,
@@ -52,16 +53,6 @@ async def _connect(dsn: str, what: str) -> asyncpg.Connection:
     except (*_CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
         cls = StoreConnectionError if what == "replica" else ErpConnectionError
         raise cls(f"cannot connect to the {what}: {exc}") from exc
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    """Return the first exception of a task group that is not a cancellation."""
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_leaf(exc)
-        if not isinstance(exc, asyncio.CancelledError):
-            return exc
-    return group.exceptions[0]
 
 
 class ErpPipeline:
@@ -261,17 +252,14 @@ class ErpPipeline:
                     if until_caught_up and self.caught_up.is_set():
                         return
                     continue
-                for wal_start, msg in item:
-                    await applier.handle(wal_start, msg)
-                    if applier.should_commit(input_idle=False):
-                        await applier.commit()
+                await applier.handle_chunk(item)
                 if applier.should_commit(input_idle=queue.empty()):
                     await applier.commit()
 
         try:
             await self._run_tasks(read(), heartbeat(), consume(), stop, applier)
         except BaseExceptionGroup as group:
-            raise _first_leaf(group) from None
+            raise first_error(group) from None
 
     async def _run_tasks(self, read, heartbeat, consume, stop, applier) -> None:  # type: ignore[no-untyped-def]
         cfg = self.erp_settings

@@ -224,7 +224,9 @@ class SfApplier:
             if change.change_type == "GAP_OVERFLOW":
                 overflow = change
                 continue
-            if change.is_gap:
+            if change.is_gap or change.change_type == "DELETE":
+                # A DELETE carries no values, yet the org changed LastModifiedDate
+                # and more: read the record from the recycle bin (queryAll).
                 refetch.add(change.record_id)
                 continue
             current = stored.get(change.record_id)

@@ -86,6 +86,9 @@ def shape_of(describe: Mapping[str, Any]) -> ObjectShape:
     """Build the mirror shape of an object from its describe result."""
     fields: list[MirrorField] = []
     used: set[str] = set()
+    # A compound parent that is a value of its own (Contact.Name) never comes in
+    # events, only its components do: refresh it like a formula.
+    parents = {f.get("compoundFieldName") for f in describe["fields"]} - {None}
     for f in describe["fields"]:
         kind = pg_type(f)
         if kind is None:
@@ -95,8 +98,8 @@ def shape_of(describe: Mapping[str, Any]) -> ObjectShape:
         if column in used:  # two API names with one snake form: keep them apart
             column = name.lower()
         used.add(column)
-        fields.append(MirrorField(name, column, kind, bool(f.get("calculated")),
-                                  bool(f.get("updateable"))))
+        derived = bool(f.get("calculated")) or name in parents
+        fields.append(MirrorField(name, column, kind, derived, bool(f.get("updateable"))))
     return ObjectShape(str(describe["name"]), snake(str(describe["name"])), tuple(fields))
 
 

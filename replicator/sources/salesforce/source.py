@@ -25,7 +25,7 @@ import asyncpg
 
 from replicator.backoff import Backoff
 from replicator.config import SalesforceSettings, Settings
-from replicator.errors import ConfigError, ReplicatorError, StoreConnectionError, StoreError
+from replicator.errors import ConfigError, ReplicatorError, first_error, StoreConnectionError, StoreError
 from replicator.sources.erp.snapshot import SESSION_SETTINGS
 from replicator.sources.salesforce.applier import SfApplier
 from replicator.sources.salesforce.cdc import CompoundMap, MalformedEvent, RecordChange, parse_message
@@ -180,8 +180,17 @@ class SalesforcePipeline:
             async for event in stream:
                 await queue.put(event)
 
+        try:
+            await self._consume_tasks(read(), queue, stop)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+
+    async def _consume_tasks(self, read: Any, queue: asyncio.Queue[Any],
+                             stop: asyncio.Event) -> None:
+        assert self.applier is not None
+        applier = self.applier
         async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(read(), name="source:salesforce:read")
+            reader = tg.create_task(read, name="source:salesforce:read")
             while self._to_load:
                 obj = self._to_load[0]
                 await applier.load(obj)

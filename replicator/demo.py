@@ -1,8 +1,10 @@
-"""``replicator demo``: the whole ERP path on a laptop with nothing installed.
+"""``replicator demo``: both sources on a laptop with nothing installed.
 
-Starts an embedded PostgreSQL (or uses ``$REPLICATOR_PG_DSN``), loads the
-Northwind ERP, replicates it into a replica database while realistic traffic
-runs, shows progress each second, and ends with a row-by-row verification.
+Starts an embedded PostgreSQL (or uses ``$REPLICATOR_PG_DSN``) with the
+Northwind ERP and a replica database, and the Salesforce emulator serving the
+E-Bikes org on loopback. Both are mirrored into the replica while realistic
+traffic runs on each side; progress is shown each second, and the demo ends
+with a row-by-row verification of every mirror against its source.
 """
 
 from __future__ import annotations
@@ -14,23 +16,33 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from importlib import resources
 
+import aiohttp
 import asyncpg
+from aiohttp import web
 
 from replicator.config import Settings, parse
 from replicator.daemon import install_signal_handlers, run_loop
-from replicator.pgserver import TempPostgres
+from replicator.emulator.app import EmulatorConfig, create_app
+from replicator.pgserver import TempPostgres, free_port
+from replicator.sources.salesforce.source import SalesforcePipeline
 from replicator.sources.erp.source import ErpPipeline
-from replicator.traffic import NorthwindTraffic
-from replicator.verify import print_reports, verify_erp
+from replicator.traffic import NorthwindTraffic, OrgTraffic
+from replicator.verify import print_reports, verify_erp, verify_sf
 
 logger = logging.getLogger(__name__)
+
+DEMO_OBJECTS = ("Account", "Contact", "Opportunity", "Case", "Product__c",
+                "Product_Family__c", "Order__c", "Order_Item__c")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds of traffic")
     parser.add_argument("--rate", type=float, default=40, help="ERP transactions a second")
+    parser.add_argument("--sf-rate", type=float, default=10,
+                        help="Salesforce writes a second")
     parser.add_argument("--keep", action="store_true",
                         help="keep running after the traffic stops, until Ctrl-C")
 
@@ -52,7 +64,7 @@ async def _create_databases(admin_dsn: str, suffix: str) -> tuple[str, str]:
 
 
 async def _progress(pipeline: ErpPipeline, traffic: NorthwindTraffic, erp_dsn: str,
-                    stop: asyncio.Event) -> None:
+                    stop: asyncio.Event, sf: SalesforcePipeline, org: OrgTraffic) -> None:
     conn = await asyncpg.connect(erp_dsn)
     started = time.monotonic()
     last_changes = 0
@@ -68,10 +80,12 @@ async def _progress(pipeline: ErpPipeline, traffic: NorthwindTraffic, erp_dsn: s
             stats = pipeline.stats
             rate = stats.changes - last_changes
             last_changes = stats.changes
-            print(f"  {time.monotonic() - started:5.1f}s  erp transactions "
-                  f"{traffic.stats.transactions:6d}  applied: {stats.transactions:6d} tx "
-                  f"{stats.changes:7d} changes  {rate:6d}/s  slot lag "
-                  f"{int(lag or 0):>8d} bytes", flush=True)
+            sf_stats = sf.stats
+            print(f"  {time.monotonic() - started:5.1f}s  ERP: {traffic.stats.transactions:5d} tx"
+                  f" made, {stats.transactions:5d} applied ({stats.changes:6d} changes, "
+                  f"{rate:4d}/s, slot lag {int(lag or 0):6d} B)   Salesforce: "
+                  f"{org.stats.transactions:4d} writes, "
+                  f"{sf_stats.events if sf_stats else 0:5d} events applied", flush=True)
     finally:
         await conn.close()
 
@@ -97,33 +111,100 @@ async def demo(args: argparse.Namespace) -> int:
                     "status_interval_seconds": 1, "slot": f"demo_slot{suffix}",
                     "publication": "demo_pub"},
         })
-        pipeline = ErpPipeline(settings)
-        traffic = NorthwindTraffic(erp)
-        async with asyncio.TaskGroup() as tg:
-            daemon = tg.create_task(pipeline.run(stop), name="demo:erp")
-            await pipeline.ready.wait()
-            print("replicating; traffic on the ERP for "
-                  f"{args.duration:.0f}s at {args.rate:.0f} transactions/s", flush=True)
-            watch_stop = asyncio.Event()
-            watcher = tg.create_task(_progress(pipeline, traffic, erp_dsn, watch_stop))
-            await traffic.run(rate=args.rate, duration=args.duration, stop=stop)
-            if args.keep and not stop.is_set():
-                print("traffic done; still replicating, Ctrl-C to stop", flush=True)
-                await stop.wait()
-            # let the stream catch up on the last transactions, then stop
-            target = await erp.fetchval("SELECT pg_current_wal_lsn()::text")
-            await _wait_caught_up(erp, settings.erp.slot, target, stop)
-            watch_stop.set()
-            await watcher
-            stop.set()
-            await daemon
-        await erp.close()
-        print(f"traffic: {traffic.stats.by_kind}")
-        print("verifying every table, row by row ...", flush=True)
-        return 0 if print_reports(await verify_erp(settings)) else 1
+        async with _serve_emulator() as (org_url, emulator_config):
+            settings = _with_salesforce(settings, org_url, emulator_config)
+            print(f"Salesforce: the E-Bikes org served by the emulator at {org_url}", flush=True)
+            await _run_both(args, settings, erp, erp_dsn, org_url, emulator_config, stop)
+            await erp.close()
+            print("verifying every mirror against its source, row by row ...", flush=True)
+            reports = await verify_erp(settings) + await verify_sf(settings)
+        return 0 if print_reports(reports) else 1
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+
+
+async def _run_both(args: argparse.Namespace, settings: Settings, erp: asyncpg.Connection,
+                    erp_dsn: str, org_url: str, emulator_config: EmulatorConfig,
+                    stop: asyncio.Event) -> None:
+    assert settings.erp is not None
+    pipeline = ErpPipeline(settings)
+    sf = SalesforcePipeline(settings)
+    traffic = NorthwindTraffic(erp)
+    sources_stop = asyncio.Event()
+    async with aiohttp.ClientSession() as http, asyncio.TaskGroup() as tg:
+        erp_task = tg.create_task(pipeline.run(sources_stop), name="demo:erp")
+        sf_task = tg.create_task(sf.run(sources_stop), name="demo:salesforce")
+        await pipeline.ready.wait()
+        await sf.ready.wait()
+        token = await _login(http, org_url, emulator_config)
+        org = OrgTraffic(org_url, token, http)
+        print(f"replicating; traffic on both sides for {args.duration:.0f}s "
+              f"(ERP {args.rate:.0f} tx/s, Salesforce {args.sf_rate:.0f} writes/s)", flush=True)
+        watch_stop = asyncio.Event()
+        watcher = tg.create_task(_progress(pipeline, traffic, erp_dsn, watch_stop, sf, org))
+        async with asyncio.TaskGroup() as load:
+            load.create_task(traffic.run(rate=args.rate, duration=args.duration, stop=stop))
+            load.create_task(org.run(rate=args.sf_rate, duration=args.duration, stop=stop))
+        if args.keep and not stop.is_set():
+            print("traffic done; still replicating, Ctrl-C to stop", flush=True)
+            await stop.wait()
+        # let both streams catch up on the last changes, then stop
+        target = await erp.fetchval("SELECT pg_current_wal_lsn()::text")
+        await _wait_caught_up(erp, settings.erp.slot, target, stop)
+        await _wait_quiet(sf, stop)
+        watch_stop.set()
+        await watcher
+        sources_stop.set()
+        await erp_task
+        await sf_task
+    print(f"ERP traffic: {traffic.stats.by_kind}\nSalesforce traffic: {org.stats.by_kind}")
+
+
+@contextlib.asynccontextmanager
+async def _serve_emulator() -> AsyncIterator[tuple[str, EmulatorConfig]]:
+    config = EmulatorConfig.ebikes()
+    runner = web.AppRunner(create_app(config))
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}", config
+    finally:
+        await runner.cleanup()
+
+
+def _with_salesforce(settings: Settings, org_url: str, config: EmulatorConfig) -> Settings:
+    os.environ["REPLICATOR_DEMO_SF_SECRET"] = config.client_secret
+    os.environ["REPLICATOR_DEMO_SF_PASSWORD"] = config.password + config.security_token
+    data = settings.model_dump()
+    data["salesforce"] = {
+        "login_url": org_url, "client_id": config.client_id,
+        "client_secret_env": "REPLICATOR_DEMO_SF_SECRET", "username": config.username,
+        "password_env": "REPLICATOR_DEMO_SF_PASSWORD", "objects": list(DEMO_OBJECTS),
+        "long_poll_timeout_seconds": 10,
+    }
+    return parse(data)
+
+
+async def _login(http: aiohttp.ClientSession, org_url: str, config: EmulatorConfig) -> str:
+    async with http.post(f"{org_url}/services/oauth2/token", data={
+        "grant_type": "password", "client_id": config.client_id,
+        "client_secret": config.client_secret, "username": config.username,
+        "password": config.password + config.security_token}) as resp:
+        return str((await resp.json())["access_token"])
+
+
+async def _wait_quiet(sf: SalesforcePipeline, stop: asyncio.Event, quiet: float = 1.5) -> None:
+    last = -1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not stop.is_set():
+        seen = sf.stats.events if sf.stats else 0
+        if seen == last:
+            return
+        last = seen
+        await asyncio.sleep(quiet)
 
 
 async def _wait_caught_up(erp: asyncpg.Connection, slot: str, target: str,

@@ -10,6 +10,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
@@ -117,3 +118,96 @@ class NorthwindTraffic:
         if order_id is not None:
             await self.conn.execute("DELETE FROM order_details WHERE order_id = $1", order_id)
             await self.conn.execute("DELETE FROM orders WHERE order_id = $1", order_id)
+
+
+_STAGES = ["Prospecting", "Qualification", "Needs Analysis", "Value Proposition",
+           "Id. Decision Makers", "Perception Analysis", "Proposal/Price Quote",
+           "Negotiation/Review", "Closed Won"]
+_ORDER_STATUS = ["Draft", "Submitted to Manufacturing", "Approved by Manufacturing",
+                 "In Production", "Out for delivery", "Delivered"]
+_CASE_SUBJECTS = ["Battery drains overnight", "Wrong frame colour delivered",
+                  "Front brake squeals", "Charger missing from box", "Invoice address wrong"]
+
+
+class OrgTraffic:
+    """Salesforce activity through REST, as the org's users would make it.
+
+    Accounts edited, opportunities advancing and closing, cases opened,
+    product prices and order statuses changed. ``http`` must carry no
+    ``Sforce-Call-Options`` of the replicator, so these are foreign changes.
+    """
+
+    def __init__(self, base_url: str, token: str, http: Any, *, seed: int = 11,
+                 api_version: str = "60.0") -> None:
+        self.url = f"{base_url}/services/data/v{api_version}"
+        self.headers = {"Authorization": f"Bearer {token}",
+                        "Sforce-Call-Options": "client=demo-user"}
+        self.http = http
+        self.rng = random.Random(seed)
+        self.stats = TrafficStats()
+        self._ids: dict[str, list[str]] = {}
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.http.request(method, self.url + path, json=body,
+                                     headers=self.headers) as resp:
+            text = await resp.text()
+            if resp.status >= 300:
+                raise RuntimeError(f"{method} {path}: {resp.status} {text[:200]}")
+            return await resp.json(content_type=None) if text else None
+
+    async def prepare(self) -> None:
+        for obj in ("Account", "Opportunity", "Product__c", "Order__c", "Case"):
+            async with self.http.get(self.url + "/query", params={"q": f"SELECT Id FROM {obj}"},
+                                     headers=self.headers) as resp:
+                body = await resp.json()
+            self._ids[obj] = [r["Id"] for r in body["records"]]
+
+    async def step(self) -> str:
+        kind = self.rng.choices(["account", "opportunity", "case", "product", "order"],
+                                weights=[30, 25, 15, 15, 15])[0]
+        await getattr(self, f"_{kind}")()
+        self.stats.transactions += 1
+        self.stats.by_kind[kind] = self.stats.by_kind.get(kind, 0) + 1
+        return kind
+
+    async def run(self, *, rate: float, duration: float, stop: asyncio.Event | None = None) -> None:
+        await self.prepare()
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < duration and not (stop and stop.is_set()):
+            await self.step()
+            n += 1
+            ahead = n / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+    async def _account(self) -> None:
+        city, region, postal, country = self.rng.choice(_CITIES)
+        await self._call("PATCH", f"/sobjects/Account/{self.rng.choice(self._ids['Account'])}", {
+            "BillingStreet": self.rng.choice(_STREETS), "BillingCity": city,
+            "BillingState": region, "BillingPostalCode": postal, "BillingCountry": country,
+            "Phone": f"555-{self.rng.randint(1000, 9999)}"})
+
+    async def _opportunity(self) -> None:
+        opp = self.rng.choice(self._ids["Opportunity"])
+        current = await self._call("GET", f"/sobjects/Opportunity/{opp}?fields=StageName")
+        stage = current.get("StageName")
+        index = _STAGES.index(stage) if stage in _STAGES else 0
+        new_stage = _STAGES[min(index + 1, len(_STAGES) - 1)]
+        await self._call("PATCH", f"/sobjects/Opportunity/{opp}", {
+            "StageName": new_stage, "Amount": self.rng.randint(5, 200) * 500})
+
+    async def _case(self) -> None:
+        record = await self._call("POST", "/sobjects/Case", {
+            "Subject": self.rng.choice(_CASE_SUBJECTS), "Status": "New",
+            "Priority": self.rng.choice(["Low", "Medium", "High"]), "Origin": "Web",
+            "AccountId": self.rng.choice(self._ids["Account"])})
+        self._ids["Case"].append(record["id"])
+
+    async def _product(self) -> None:
+        await self._call("PATCH", f"/sobjects/Product__c/{self.rng.choice(self._ids['Product__c'])}",
+                         {"MSRP__c": self.rng.randint(800, 9000)})
+
+    async def _order(self) -> None:
+        await self._call("PATCH", f"/sobjects/Order__c/{self.rng.choice(self._ids['Order__c'])}",
+                         {"Status__c": self.rng.choice(_ORDER_STATUS)})

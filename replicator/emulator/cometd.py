@@ -439,6 +439,10 @@ class CometdServer:
             reply["error"] = error
             return reply
         session.subscriptions[subscription] = cursor
+        if session.held is not None and cursor < self.log.last_id:
+            # A replay backlog is waiting: answer the held connect now, as a
+            # CometD server delivers as soon as the subscription exists.
+            session.held.release()
         logger.info(
             "cometd subscribe",
             extra={

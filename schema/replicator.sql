@@ -1,0 +1,53 @@
+-- The replicator schema of the replica store, generated from replicator/store/tables.py
+-- (python -m replicator.store.tables > schema/replicator.sql); a test keeps them equal.
+CREATE SCHEMA IF NOT EXISTS replicator;
+CREATE SCHEMA IF NOT EXISTS erp;
+CREATE SCHEMA IF NOT EXISTS sf;
+CREATE SCHEMA IF NOT EXISTS unified;
+CREATE TABLE IF NOT EXISTS replicator.checkpoint_history (
+	id BIGSERIAL NOT NULL, 
+	stream TEXT NOT NULL, 
+	position TEXT NOT NULL, 
+	lsn BIGINT, 
+	system_identifier TEXT, 
+	timeline INTEGER, 
+	slot_name TEXT, 
+	reason TEXT NOT NULL, 
+	changes BIGINT DEFAULT 0 NOT NULL, 
+	recorded_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX IF NOT EXISTS ix_replicator_checkpoint_history_stream ON replicator.checkpoint_history (stream);
+CREATE TABLE IF NOT EXISTS replicator.checkpoints (
+	stream TEXT NOT NULL, 
+	position TEXT NOT NULL, 
+	lsn BIGINT, 
+	system_identifier TEXT, 
+	timeline INTEGER, 
+	slot_name TEXT, 
+	details JSONB DEFAULT '{}'::jsonb NOT NULL, 
+	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (stream)
+);
+CREATE TABLE IF NOT EXISTS replicator.dead_letters (
+	id BIGSERIAL NOT NULL, 
+	stream TEXT NOT NULL, 
+	entity TEXT NOT NULL, 
+	source_key TEXT, 
+	position TEXT, 
+	reason TEXT NOT NULL, 
+	payload JSONB, 
+	status TEXT DEFAULT 'parked' NOT NULL, 
+	created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE TABLE IF NOT EXISTS replicator.mirror_tables (
+	stream TEXT NOT NULL, 
+	source_table TEXT NOT NULL, 
+	mirror_table TEXT NOT NULL, 
+	columns JSONB NOT NULL, 
+	key_columns JSONB NOT NULL, 
+	loaded_at TIMESTAMP WITH TIME ZONE, 
+	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (stream, source_table)
+);

@@ -14,6 +14,7 @@ order of the source is kept without splitting any source transaction.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import operator
@@ -141,6 +142,11 @@ class ApplyStats:
     batches: int = 0
     last_commit_time: float = 0.0
     origins: dict[str, int] = field(default_factory=dict)
+    # for replicator.ops: row changes written per mirror table, and the time
+    # from the source's commit to the replica's commit of recent batches
+    by_table: dict[str, int] = field(default_factory=dict)
+    latencies: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=1000))
 
 
 class ErpApplier:
@@ -174,6 +180,7 @@ class ErpApplier:
         self.idle_lsn = 0  # a position past every received change, when idle
         self._changes_at_begin = 0
         self._stream_xid = 0
+        self._source_commit_time = 0.0  # of the latest transaction begun
 
     # -- state -----------------------------------------------------------------
 
@@ -220,6 +227,7 @@ class ErpApplier:
                 await self._row(msg)  # type: ignore[arg-type]
         elif kind is Begin:
             self._begin(msg.final_lsn)  # type: ignore[union-attr]
+            self._source_commit_time = msg.commit_time.timestamp()  # type: ignore[union-attr]
         elif kind is Commit:
             self._commit(msg.end_lsn)  # type: ignore[union-attr]
         elif kind is Origin:
@@ -398,6 +406,7 @@ class ErpApplier:
     async def _stream_commit(self, msg: StreamCommit) -> None:
         spool = self._spools.pop(msg.xid, None)
         self._begin(msg.commit_lsn)
+        self._source_commit_time = msg.commit_time.timestamp()
         if spool is not None:
             for inner in spool.replay():
                 await self.handle(0, _outside_stream(inner))
@@ -426,6 +435,7 @@ class ErpApplier:
             if changes is None or not changes.rows:
                 continue
             await self._ensure_tx()
+            self.stats.by_table[name] = self.stats.by_table.get(name, 0) + len(changes.rows)
             await self.store.apply(changes)
         if only is None:
             self._pending_rows = 0
@@ -457,6 +467,8 @@ class ErpApplier:
         self.stats.changes += self._uncommitted_changes
         self.stats.batches += 1
         self.stats.last_commit_time = time.time()
+        if self._source_commit_time:
+            self.stats.latencies.append(self.stats.last_commit_time - self._source_commit_time)
         logger.debug("batch applied", extra={
             "position": lsn_to_str(end), "changes": self._uncommitted_changes})
         self._uncommitted_end = 0

@@ -12,8 +12,10 @@ REST; GAP_OVERFLOW catches the object up by SystemModstamp.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +57,13 @@ class SfStats:
     catch_ups: int = 0
     batches: int = 0
     by_origin: dict[str, int] = field(default_factory=dict)
+    # for replicator.ops: events received and applied per object, and the time
+    # from the org's commit to the replica's commit of recent batches
+    received_by_object: dict[str, int] = field(default_factory=dict)
+    applied_by_object: dict[str, int] = field(default_factory=dict)
+    latencies: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=1000))
+    last_latency: float = 0.0
 
 
 @dataclass
@@ -206,6 +215,9 @@ class SfApplier:
                              "object": change.object_name}),
                     reason="apply", changes=len(changes))
         self.stats.batches += 1
+        newest = max(change.commit_time for change in changes)
+        self.stats.last_latency = max(0.0, time.time() - newest.timestamp())
+        self.stats.latencies.append(self.stats.last_latency)
 
     async def _apply_object(self, state: _ObjectState, group: list[RecordChange]) -> None:
         shape, table = state.shape, state.table
@@ -217,6 +229,8 @@ class SfApplier:
         overflow: RecordChange | None = None
         modstamp_col = columns.get("SystemModstamp")
         deleted_col = columns.get("IsDeleted")
+        received, applied = self.stats.received_by_object, self.stats.applied_by_object
+        received[shape.object_name] = received.get(shape.object_name, 0) + len(group)
         for change in group:
             self.stats.events += 1
             if change.client:
@@ -257,6 +271,7 @@ class SfApplier:
             changes.put((change.record_id,), tuple(row))
             stored[change.record_id] = change.commit_time
             self.stats.applied += 1
+            applied[shape.object_name] = applied.get(shape.object_name, 0) + 1
             if change.change_type != "DELETE" and shape.calculated:
                 refresh.add(change.record_id)
         await self.store.apply(changes)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from replicator import __version__
-from replicator.errors import ConfigError, ReplicatorError
+from replicator.errors import ConfigError, LostLockError, ReplicatorError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("replicator.daemon", "run the replication daemon"),
     "verify": ("replicator.verify", "compare each source with its mirror, row by row"),
     "checkpoints": ("replicator.store.checkpoints_cli", "list, inspect or restore checkpoints"),
+    "status": ("replicator.ops.status", "show each stream's state, position, lag and rates"),
     "emulator": ("replicator.emulator.cli", "serve the local Salesforce org emulator"),
 }
 
@@ -70,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"replicator: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LostLockError as exc:
+        logger.error("instance lock lost", extra={"error": str(exc)})
+        print(f"replicator: {exc}", file=sys.stderr)
+        return EXIT_LOST_LOCK
     except ReplicatorError as exc:
         logger.error("fatal error", extra={"error": str(exc)})
         print(f"replicator: {exc}", file=sys.stderr)

@@ -103,11 +103,34 @@ class ApplySettings(_Frozen):
     queue_chunks: int = Field(32, ge=1)
 
 
+class DaemonSettings(_Frozen):
+    """Lifecycle of ``replicator run``: shutdown deadline and the instance lock."""
+
+    shutdown_seconds: float = Field(30.0, gt=0)  # drain deadline after SIGTERM/SIGINT
+    lock: bool = True  # one active instance per config (advisory lock on the replica)
+    lock_name: str | None = None  # default: derived from the configured streams
+    lock_check_seconds: float = Field(2.0, gt=0)  # probe of the lock's connection
+    on_lost_lock: Literal["standby", "exit"] = "standby"  # exit: code 3
+
+
+class OpsSettings(_Frozen):
+    """The operations endpoint, metrics sampling and state-change notices."""
+
+    listen: str = Field("127.0.0.1:9108", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}$|^$")
+    sample_seconds: float = Field(2.0, gt=0)  # how often stats and the replica are read
+    lag_budget_seconds: float = Field(60.0, gt=0)  # /readyz fails past it
+    webhook_url_env: str | None = None  # variable holding the URL (it may hold a token)
+    webhook_timeout_seconds: float = Field(5.0, gt=0)
+    dead_letter_threshold: int = Field(1, ge=1)  # a notice when parked letters reach it
+
+
 class Settings(_Frozen):
     replica: Database
     erp: ErpSettings | None = None
     salesforce: SalesforceSettings | None = None
     apply: ApplySettings = ApplySettings()
+    daemon: DaemonSettings = DaemonSettings()
+    ops: OpsSettings = OpsSettings()
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -1,23 +1,40 @@
 """``replicator run``: the long-running daemon and its lifecycle.
 
-Signal handlers only set a stop event; the pipelines drain, commit and
-acknowledge, then return. A second SIGINT exits at once: nothing is lost,
-since every checkpoint commits with the data it covers.
+Start-up: serve the ops endpoint (``/healthz`` answers from the first
+moment), then take the instance lock on the replica; while another instance
+holds it this one is a standby. Once active, every configured pipeline runs
+in one task group beside the lock's watchdog.
+
+Shutdown in two steps: SIGTERM or SIGINT sets the stop event, the pipelines
+drain, commit and acknowledge, then return; past ``daemon.shutdown_seconds``
+the tasks still running are cancelled, each named in a warning. A second
+SIGINT exits at once: nothing is lost, since every checkpoint commits with
+the data it covers and an uncommitted replica transaction is rolled back.
+
+Losing the lock (its session ended or stopped answering) cancels the
+pipelines at once, since a standby may already be active. Then, with
+``daemon.on_lost_lock = "standby"`` (the default), this instance goes back
+to waiting for the lock; with ``"exit"`` it exits with code 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from replicator import config as config_module
+from replicator.backoff import Backoff
 from replicator.config import Settings
+from replicator.errors import ConfigError, LostLockError, StoreError, first_error
+from replicator.lock import InstanceLock, lock_identity
+from replicator.ops import Collector, Metrics, Notifier, OpsServer, OpsState
 from replicator.sources.erp.source import ErpPipeline
 
 logger = logging.getLogger(__name__)
@@ -45,22 +62,181 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, until_caught_up: bool) -> None:
-    """Run every configured source until ``stop`` is set."""
-    logger.info("daemon started", extra={"pid": os.getpid()})
-    async with asyncio.TaskGroup() as tg:
+class Daemon:
+    """The ops side (state, metrics, endpoint, notices) and the instance's lifecycle."""
+
+    def __init__(self, settings: Settings, stop: asyncio.Event, *,
+                 until_caught_up: bool = False) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.until_caught_up = until_caught_up
+        url_env = settings.ops.webhook_url_env
+        self.notifier = Notifier(os.environ.get(url_env) if url_env else None,
+                                 timeout=settings.ops.webhook_timeout_seconds)
+        self.state = OpsState(lag_budget=settings.ops.lag_budget_seconds,
+                              notify=self.notifier.notify)
+        self.metrics = Metrics()
+        self.collector = Collector(settings, self.state, self.metrics)
+        self.ops_port: int | None = None
+
+    async def serve(self) -> None:
+        """Run until ``stop`` is set (or, with ``until_caught_up``, until caught up)."""
+        stop = self.stop
+        logger.info("daemon started", extra={"pid": os.getpid()})
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if self.settings.ops.listen:
+                    server = OpsServer(self.settings.ops.listen, self.state, self.metrics)
+                    self.ops_port = (await stack.enter_async_context(server)).port
+                await self._serve_with_helpers(stop)
+        except BaseExceptionGroup as group:
+            # A source that stops start-up raises one clear error: hand the CLI
+            # that error, not the task group's traceback (DESIGN: clear errors).
+            raise first_error(group) from None
+        logger.info("daemon stopped")
+
+    async def _serve_with_helpers(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as tg:
+            helpers = [tg.create_task(self.notifier.serve(), name="ops:webhook"),
+                       tg.create_task(self.collector.run(), name="ops:collector")]
+            try:
+                await self._run_instance(stop)
+            finally:
+                self.collector.mark_stopped()
+                self.metrics.active.set(0)
+                await self.notifier.drain(2.0)
+                for task in helpers:
+                    task.cancel()
+
+    async def _run_instance(self, stop: asyncio.Event) -> None:
+        if not self.settings.daemon.lock:
+            self.state.set_role("active")
+            await self._run_active(stop, None)
+            return
+        identity = lock_identity(self.settings)
+        backoff = Backoff(initial=1.0)
+        while not stop.is_set():
+            try:
+                if await self._hold_lock(identity, stop):
+                    return
+                backoff.reset()
+            except LostLockError:
+                raise
+            except StoreError as exc:
+                delay = backoff.next_delay()
+                logger.error("instance lock unavailable, retrying", extra={
+                    "error": str(exc), "retry_in": round(delay, 2),
+                    "attempt": backoff.attempt})
+                await _wait_or_stop(stop, delay)
+
+    async def _hold_lock(self, identity: str, stop: asyncio.Event) -> bool:
+        """Wait for the lock, then run; return True when done, False to wait again."""
+        settings = self.settings.daemon
+        async with InstanceLock(self.settings.replica.resolve(), identity,
+                                check_seconds=settings.lock_check_seconds) as lock:
+            self.state.set_role("standby")
+            if not await _until_stopped(lock.acquire(), stop):
+                return True
+            logger.info("instance lock acquired", extra={"lock": identity})
+            self.state.set_role("active")
+            if not await self._run_active(stop, lock):
+                return True
+        self.state.set_role("standby")
+        if settings.on_lost_lock == "exit":
+            raise LostLockError(
+                "the instance lock's session on the replica ended; streams stopped so "
+                "that a standby can take over (daemon.on_lost_lock = \"exit\")")
+        return False
+
+    async def _run_active(self, stop: asyncio.Event, lock: InstanceLock | None) -> bool:
+        """Run the pipelines until stopped or done; return True if the lock was lost."""
+        self.metrics.active.set(1)
+        pipelines = self._pipelines()
+        if not pipelines:
+            raise ConfigError("the config names no source; add an [erp] or a "
+                              "[salesforce] section")
+        async with asyncio.TaskGroup() as tg:
+            tasks = {key: tg.create_task(run(), name=name)
+                     for key, (name, _, run) in pipelines.items()}
+            self.collector.pipelines = {key: p for key, (_, p, _) in pipelines.items()}
+            self.collector.running = tasks
+            extra = self._helpers(tg, pipelines, stop)
+            waits = {tg.create_task(stop.wait(), name="daemon:stop"),
+                     tg.create_task(asyncio.wait(tasks.values()), name="daemon:done")}
+            if lock is not None:
+                extra.append(tg.create_task(lock.watch(), name="daemon:lock"))
+                waits.add(tg.create_task(lock.lost.wait(), name="daemon:lost"))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            lost = lock is not None and lock.lost.is_set()
+            if lost:
+                logger.error("instance lock lost, stopping every stream now", extra={
+                    "lock": lock.identity if lock else None})
+                for task in tasks.values():
+                    task.cancel()
+            elif stop.is_set():
+                await self._drain(list(tasks.values()))
+            for task in (*waits, *extra):
+                task.cancel()
+        self.metrics.active.set(0)
+        return lost
+
+    def _pipelines(self) -> dict[str, tuple[str, Any, Callable[[], Awaitable[Any]]]]:
+        settings, stop_event = self.settings, self.stop
+        out: dict[str, tuple[str, Any, Callable[[], Awaitable[Any]]]] = {}
         if settings.erp is not None:
             erp = ErpPipeline(settings)
-            tg.create_task(erp.run(stop, until_caught_up=until_caught_up),
-                           name=f"source:erp:{settings.erp.slot}")
+            out["erp"] = (f"source:erp:{settings.erp.slot}", erp,
+                          lambda: erp.run(stop_event, until_caught_up=self.until_caught_up))
         if settings.salesforce is not None:
             from replicator.sources.salesforce.source import SalesforcePipeline
 
             sf = SalesforcePipeline(settings)
-            tg.create_task(sf.run(stop), name="source:salesforce")
-            if until_caught_up:
-                tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet")
-    logger.info("daemon stopped")
+            out["salesforce"] = ("source:salesforce", sf, lambda: sf.run(stop_event))
+        return out
+
+    def _helpers(self, tg: asyncio.TaskGroup, pipelines: dict[str, Any],
+                 stop: asyncio.Event) -> list[asyncio.Task[Any]]:
+        if not self.until_caught_up or "salesforce" not in pipelines:
+            return []
+        sf = pipelines["salesforce"][1]
+        return [tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet")]
+
+    async def _drain(self, tasks: list[asyncio.Task[Any]]) -> None:
+        deadline = self.settings.daemon.shutdown_seconds
+        _, pending = await asyncio.wait(tasks, timeout=deadline)
+        for task in pending:
+            logger.warning("task did not stop within the shutdown deadline, cancelling",
+                           extra={"task": task.get_name(), "deadline_seconds": deadline})
+            task.cancel()
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, until_caught_up: bool) -> None:
+    """Run every configured source until ``stop`` is set."""
+    await Daemon(settings, stop, until_caught_up=until_caught_up).serve()
+
+
+async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first; return whether it finished."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()
+    return True
+
+
+async def _wait_or_stop(stop: asyncio.Event, delay: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay):
+            await stop.wait()
 
 
 async def _stop_when_quiet(pipeline: Any, stop: asyncio.Event, quiet: float = 3.0) -> None:

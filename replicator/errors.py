@@ -13,6 +13,7 @@
     │       │   └── SalesforceSubscribeError a channel refused (not retriable)
     │       └── ReplayOutOfWindowError       stored replay id no longer retained
     ├── StoreError               the replica database
+    │   └── LostLockError        the instance lock's session ended (exit code 3)
     ├── SinkError                a write-back to a source failed
     ├── ApplyError               one event cannot be applied; it is dead-lettered
     └── InvariantError           a state that must never happen
@@ -113,6 +114,12 @@ class StoreError(ReplicatorError):
 
 class StoreConnectionError(StoreError, ConnectionError):
     """The replica could not be reached or the connection dropped."""
+
+
+class LostLockError(StoreError):
+    """The instance lock was lost; another instance may be active now."""
+
+    retriable = False
 
 
 class SinkError(ReplicatorError):

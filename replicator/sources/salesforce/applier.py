@@ -168,6 +168,11 @@ class SfApplier:
             "records": len(records), "applied": applied, "reason": reason})
         return applied
 
+    async def reread(self, object_name: str, ids: set[str]) -> None:
+        """Make the mirror equal to the org for ``ids`` (a dead letter retried)."""
+        async with self.store.conn.transaction():
+            await self._refetch(self.objects[object_name], ids)
+
     async def _upsert_records(self, state: _ObjectState, records: list[dict[str, Any]]) -> int:
         """Write full records unless the mirror already holds a newer version."""
         stored = await self._modstamps(state, [r["Id"] for r in records])
@@ -220,6 +225,14 @@ class SfApplier:
         self.stats.latencies.append(self.stats.last_latency)
 
     async def _apply_object(self, state: _ObjectState, group: list[RecordChange]) -> None:
+        known = state.shape.by_api
+        if any(name not in known for change in group
+               for name in (*change.fields, *change.diffs)):
+            # A field added to the org after start: describe again and evolve
+            # the mirror in this transaction, rather than dead-letter the change.
+            logger.info("event names fields the mirror lacks, describing the object again",
+                        extra={"object": state.shape.object_name})
+            state = await self.prepare(state.shape.object_name)
         shape, table = state.shape, state.table
         columns = {f.api_name: i for i, f in enumerate(shape.fields)}
         stored = await self._modstamps(state, {c.record_id for c in group})
@@ -238,6 +251,10 @@ class SfApplier:
             if change.change_type == "GAP_OVERFLOW":
                 overflow = change
                 continue
+            if change.is_gap:
+                logger.info("gap event, re-reading the record over REST", extra={
+                    "object": shape.object_name, "change_type": change.change_type,
+                    "key": change.record_id, "replay_id": change.replay_id})
             if change.is_gap or change.change_type == "DELETE":
                 # A DELETE carries no values, yet the org changed LastModifiedDate
                 # and more: read the record from the recycle bin (queryAll).
@@ -272,7 +289,10 @@ class SfApplier:
             stored[change.record_id] = change.commit_time
             self.stats.applied += 1
             applied[shape.object_name] = applied.get(shape.object_name, 0) + 1
-            if change.change_type != "DELETE" and shape.calculated:
+            # Only a change to a formula's inputs (or a compound's parts) can
+            # move a derived value: the others need no REST round trip.
+            if change.change_type != "DELETE" and shape.needs_refresh(
+                    change.change_type, (*change.fields, *change.diffs)):
                 refresh.add(change.record_id)
         await self.store.apply(changes)
         if refetch:

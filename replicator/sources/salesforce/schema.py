@@ -10,7 +10,7 @@ precision and scale, datetimes become timestamptz, ids varchar(18).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,11 @@ _TEXT_TYPES = frozenset({
     "url", "encryptedstring", "anyType", "base64", "complexvalue",
 })
 _COMPOUND_TYPES = frozenset({"address", "location"})
+_STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_NUMBERS = re.compile(r"\b\d+\.\d+\b")
+_IDENTIFIER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(\()?")
+_LITERALS = frozenset({"TRUE", "FALSE", "NULL", "AND", "OR", "NOT"})
+_VOLATILE = frozenset({"NOW", "TODAY", "TIMENOW", "TIMEVALUE", "RAND"})
 
 
 def snake(name: str) -> str:
@@ -74,9 +79,19 @@ class ObjectShape:
     def by_api(self) -> dict[str, MirrorField]:
         return {f.api_name: f for f in self.fields}
 
+    # Fields whose change can move a derived value; None when any change can.
+    refresh_inputs: frozenset[str] | None = frozenset()
+
     @property
     def calculated(self) -> list[MirrorField]:
         return [f for f in self.fields if f.calculated]
+
+    def needs_refresh(self, change_type: str, changed: Iterable[str]) -> bool:
+        """Whether a change of ``changed`` fields can alter a derived value."""
+        inputs = self.refresh_inputs
+        if inputs is None or change_type in ("CREATE", "UNDELETE"):
+            return inputs is None or bool(self.calculated)
+        return not inputs.isdisjoint(changed)
 
     def columns(self) -> list[ColumnInfo]:
         return [ColumnInfo(f.column, f.type) for f in self.fields]
@@ -100,7 +115,46 @@ def shape_of(describe: Mapping[str, Any]) -> ObjectShape:
         used.add(column)
         derived = bool(f.get("calculated")) or name in parents
         fields.append(MirrorField(name, column, kind, derived, bool(f.get("updateable"))))
-    return ObjectShape(str(describe["name"]), snake(str(describe["name"])), tuple(fields))
+    inputs = _refresh_inputs(describe["fields"], parents)
+    table = snake(str(describe["name"]))
+    return ObjectShape(str(describe["name"]), table, tuple(fields), inputs)
+
+
+def _refresh_inputs(
+    fields: list[Mapping[str, Any]], parents: set[Any]
+) -> frozenset[str] | None:
+    """The fields derived values read, or None when that is not known for sure.
+
+    A compound parent reads its components. A formula reads the identifiers of
+    its ``calculatedFormula``; one that reaches another object (``Account.Name``),
+    a global (``$User``), the clock or anything not a field of this object is
+    unknown, and is then refreshed after every change as before.
+    """
+    # Formula field names are case-insensitive; a formula over a formula is
+    # not followed.
+    plain = {str(f["name"]).lower(): str(f["name"]) for f in fields
+             if not f.get("calculated")}
+    inputs: set[str] = set()
+    for f in fields:
+        name = str(f["name"])
+        if pg_type(f) is None:
+            continue
+        if name in parents:
+            inputs.update(str(c["name"]) for c in fields
+                          if c.get("compoundFieldName") == name)
+        elif f.get("calculated"):
+            formula = _STRINGS.sub("", str(f.get("calculatedFormula") or ""))
+            if not formula or "$" in formula or "." in _NUMBERS.sub("", formula):
+                return None
+            for token, call in _IDENTIFIER.findall(formula):
+                if call:
+                    if token.upper() in _VOLATILE:
+                        return None
+                elif token.upper() not in _LITERALS:
+                    if token.lower() not in plain:
+                        return None
+                    inputs.add(plain[token.lower()])
+    return frozenset(inputs)
 
 
 def to_text(value: Any) -> str | None:

@@ -9,7 +9,7 @@ quiet, each batch one replica transaction with its replay ids.
 
 A replay id outside the retention window heals itself: the object is caught
 up by SystemModstamp since the last applied event (minus a skew margin), and
-its stream restarts from the tip.
+its stream restarts from the oldest retained event (-2).
 """
 
 from __future__ import annotations
@@ -160,15 +160,23 @@ class SalesforcePipeline:
                 await self._heal(exc.channel)
 
     async def _heal(self, channel: str) -> None:
-        """The stored replay id is gone: catch the object up, restart from the tip."""
+        """The stored replay id is gone: resubscribe with -2, catch the object up.
+
+        BUG-18: never fall back to -1 (new events only), which loses what
+        the bus still holds; -2 replays every retained event and the catch-up
+        covers the gap before them. The modstamp guard drops the overlap.
+        """
         assert self.applier is not None
         obj = next(o for o, s in self.applier.objects.items() if s.channel == channel)
         since = self._last_commit.get(channel)
-        logger.warning("replay id outside the retention window, catching up", extra={
-            "object": obj, "channel": channel, "replay_id": self._positions.get(channel)})
-        # The catch-up runs once the new stream is subscribed from the tip, so
-        # nothing committed in between is missed; the guard drops the overlap.
-        self._positions[channel] = -1
+        logger.error("events lost: replay id outside the retention window, "
+                     "reconciling over REST and resubscribing with -2", extra={
+                         "object": obj, "channel": channel, "gap": True,
+                         "replay_id": self._positions.get(channel),
+                         "since": since.isoformat() if since else None})
+        # The catch-up runs once the new stream is subscribed, so nothing
+        # committed in between is missed.
+        self._positions[channel] = -2
         self._to_catch_up[obj] = since
 
     async def _consume(self, stream: Any, stop: asyncio.Event) -> None:

@@ -74,12 +74,17 @@ JOIN pg_namespace rn ON rn.oid = r.relnamespace
 WHERE c.oid = $1
 """
 
+# The mirror's key is the key the stream identifies rows by: the replica
+# identity index when the table has one (deletes carry only its columns),
+# else the primary key.
 _KEY_SQL = """
 SELECT a.attname
 FROM pg_index i
+JOIN pg_class c ON c.oid = i.indrelid
 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-WHERE i.indrelid = $1 AND i.indisprimary
+WHERE i.indrelid = $1
+  AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END
 ORDER BY k.ord
 """
 
@@ -178,14 +183,18 @@ async def check_prerequisites(conn: asyncpg.Connection) -> None:
 
 
 async def tables_without_identity(conn: asyncpg.Connection, oids: list[int]) -> list[str]:
-    """Return published tables that can publish no UPDATE or DELETE key."""
+    """Return published tables that can publish no UPDATE or DELETE key.
+
+    REPLICA IDENTITY FULL without a primary key counts too: the stream could
+    match rows, but the mirror has no key to upsert by.
+    """
     rows = await conn.fetch(
         """
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.oid = ANY($1::oid[]) AND c.relkind IN ('r', 'p')
           AND (c.relreplident = 'n'
-               OR (c.relreplident = 'd' AND NOT EXISTS (
+               OR (c.relreplident IN ('d', 'f') AND NOT EXISTS (
                      SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
                OR (c.relreplident = 'i' AND NOT EXISTS (
                      SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid

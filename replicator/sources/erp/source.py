@@ -40,9 +40,11 @@ from replicator.store.tables import create_schema
 
 logger = logging.getLogger(__name__)
 
+# InternalClientError: asyncpg's protocol state broke with the connection (a
+# server shut down mid-operation); the connection is unusable, a retry is not.
 _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError,
                       asyncpg.CannotConnectNowError, asyncpg.ConnectionFailureError,
-                      asyncpg.AdminShutdownError)
+                      asyncpg.AdminShutdownError, asyncpg.InternalClientError)
 
 
 async def _connect(dsn: str, what: str) -> asyncpg.Connection:
@@ -50,6 +52,10 @@ async def _connect(dsn: str, what: str) -> asyncpg.Connection:
         return await asyncpg.connect(dsn, server_settings=SESSION_SETTINGS)
     except asyncpg.InvalidPasswordError as exc:
         raise ErpSetupError(f"{what} rejected the credentials: {exc}; fix the DSN") from exc
+    except (asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise ErpSetupError(f"cannot connect to the {what}: {exc}; fix the database "
+                            "or user name in its DSN") from exc
     except (*_CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
         cls = StoreConnectionError if what == "replica" else ErpConnectionError
         raise cls(f"cannot connect to the {what}: {exc}") from exc
@@ -172,8 +178,8 @@ class ErpPipeline:
         if bad:
             raise ErpSetupError(
                 f"published table(s) {', '.join(bad)} have no primary key or replica "
-                "identity, so updates and deletes cannot be matched; add a primary key "
-                "or ALTER TABLE ... REPLICA IDENTITY USING INDEX")
+                "identity index, so their rows cannot be matched by key; add a primary "
+                "key or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>")
         system = await stream.open()
         source = SourceInfo(cfg.stream, system.system_identifier, system.timeline, cfg.slot)
         cp = await checkpoints.load(replica, cfg.stream)

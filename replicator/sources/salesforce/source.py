@@ -36,7 +36,7 @@ from replicator.store.tables import create_schema
 
 logger = logging.getLogger(__name__)
 
-_BATCH_EVENTS = 2000
+_BATCH_EVENTS = 10_000
 
 
 def build_authenticator(cfg: SalesforceSettings) -> Any:

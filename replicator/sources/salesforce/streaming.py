@@ -39,6 +39,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import aiohttp
+import orjson
 from aiocometd_ng.client import Client as CometdClient
 from aiocometd_ng.constants import ConnectionType, MetaChannel, TransportState
 from aiocometd_ng.exceptions import (
@@ -673,6 +674,9 @@ class _Client(SalesforceClient):
             replay_storage_policy=ReplayMarkerStoragePolicy.MANUAL,
             connection_timeout=connection_timeout,
             max_pending_count=max_pending_count,
+            # Decoding long-poll replies is the largest single cost of a
+            # backlog replay; orjson does it several times faster than json.
+            json_loads=orjson.loads,
         )
         self._connection_types = [ConnectionType.LONG_POLLING]
         assert self.extensions is not None

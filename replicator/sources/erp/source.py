@@ -74,6 +74,7 @@ class ErpPipeline:
         self.caught_up = asyncio.Event()
         self.ready = asyncio.Event()
         self._target_lsn: int | None = None
+        self._awaiting_input = True  # the apply task waits on the queue, holding nothing
 
     async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> ApplyStats:
         """Run until ``stop`` is set (or caught up), restarting on passing faults."""
@@ -252,7 +253,9 @@ class ErpPipeline:
 
         async def consume() -> None:
             while not stop.is_set():
+                self._awaiting_input = True
                 item = await queue.get()
+                self._awaiting_input = False
                 if isinstance(item, int):
                     await self._on_idle(applier, item, until_caught_up)
                     if until_caught_up and self.caught_up.is_set():
@@ -277,7 +280,10 @@ class ErpPipeline:
             await asyncio.wait({done, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if done.done() and done.exception() is not None:
                 raise done.exception()  # type: ignore[misc]
-            # Drain: commit what is whole, then stop reading.
+            # Drain: let the chunk in hand finish first (the replica connection
+            # runs one operation at a time), commit what is whole, stop reading.
+            if not done.done() and not self._awaiting_input:
+                await done
             if not applier.in_transaction:
                 await applier.commit()
             for task in (reader, beat, waiter, done):

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from replicator.errors import ConfigError
 from replicator.ops.metrics import Metrics
 from replicator.ops.state import OpsState
 
@@ -72,9 +73,12 @@ class OpsServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
             await self._runner.cleanup()
-            raise
+            raise ConfigError(
+                f"ops.listen: cannot listen on {self.host}:{self.port}: {exc.strerror}; "
+                "choose another address, or set listen = \"\" to serve no endpoint"
+            ) from None
         for address in self._runner.addresses:
             self.port = int(address[1])
             break

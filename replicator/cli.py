@@ -32,6 +32,11 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoints": ("replicator.store.checkpoints_cli", "list, inspect or restore checkpoints"),
     "status": ("replicator.ops.status", "show each stream's state, position, lag and rates"),
     "emulator": ("replicator.emulator.cli", "serve the local Salesforce org emulator"),
+    "resync": ("replicator.resync", "reload one ERP table or Salesforce object"),
+    "dlq": ("replicator.store.dlq_cli", "list, retry or drop parked changes"),
+    "conflicts": ("replicator.store.conflicts_cli", "list field conflicts and their rule"),
+    "check": ("replicator.check", "verify every prerequisite against the configured systems"),
+    "bi-role": ("replicator.bi_role", "create a read-only role for BI on sf, erp, unified"),
 }
 
 

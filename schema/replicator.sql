@@ -29,6 +29,22 @@ CREATE TABLE IF NOT EXISTS replicator.checkpoints (
 	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	PRIMARY KEY (stream)
 );
+CREATE TABLE IF NOT EXISTS replicator.conflicts (
+	id BIGSERIAL NOT NULL, 
+	entity TEXT NOT NULL, 
+	entity_key TEXT NOT NULL, 
+	field TEXT NOT NULL, 
+	erp_value TEXT, 
+	sf_value TEXT, 
+	erp_source TEXT, 
+	sf_source TEXT, 
+	erp_time TIMESTAMP WITH TIME ZONE, 
+	sf_time TIMESTAMP WITH TIME ZONE, 
+	rule TEXT NOT NULL, 
+	winner TEXT, 
+	recorded_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (id)
+);
 CREATE TABLE IF NOT EXISTS replicator.dead_letters (
 	id BIGSERIAL NOT NULL, 
 	stream TEXT NOT NULL, 
@@ -50,4 +66,12 @@ CREATE TABLE IF NOT EXISTS replicator.mirror_tables (
 	loaded_at TIMESTAMP WITH TIME ZONE, 
 	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	PRIMARY KEY (stream, source_table)
+);
+CREATE TABLE IF NOT EXISTS replicator.replica_identity (
+	id INTEGER DEFAULT 1 NOT NULL, 
+	checkpoints_oid BIGINT NOT NULL, 
+	system_identifier TEXT NOT NULL, 
+	timeline INTEGER NOT NULL, 
+	recorded_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (id)
 );

@@ -77,6 +77,39 @@ tables_state = Table(
 )
 
 
+# Field conflicts of the two-way sync: both values, where each came from and
+# when, and the rule that decided. Empty until the write-back sinks land.
+conflicts = Table(
+    "conflicts", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("entity", Text, nullable=False),
+    Column("entity_key", Text, nullable=False),
+    Column("field", Text, nullable=False),
+    Column("erp_value", Text),
+    Column("sf_value", Text),
+    Column("erp_source", Text),
+    Column("sf_source", Text),
+    Column("erp_time", DateTime(timezone=True)),
+    Column("sf_time", DateTime(timezone=True)),
+    Column("rule", Text, nullable=False),
+    Column("winner", Text),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# Which database the checkpoints were written in. A replica restored from a
+# dump (new table oids) or from a physical backup (a new timeline) no longer
+# matches the row restored with it: the ERP pipeline then knows that a slot
+# ahead of the checkpoint has released changes the replica lacks.
+replica_identity = Table(
+    "replica_identity", metadata,
+    Column("id", Integer, primary_key=True, server_default=text("1")),
+    Column("checkpoints_oid", BigInteger, nullable=False),
+    Column("system_identifier", Text, nullable=False),
+    Column("timeline", Integer, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
 def ddl_statements() -> list[str]:
     """Return the DDL that creates the ``replicator`` schema, idempotently."""
     dialect = postgresql.dialect()

@@ -33,7 +33,7 @@ from replicator.sources.erp.catalog import Catalog, check_prerequisites, tables_
 from replicator.sources.erp.pgoutput import lsn_to_str
 from replicator.sources.erp.replication import ReplicationStream
 from replicator.sources.erp.snapshot import SESSION_SETTINGS, copy_tables, published_tables
-from replicator.store import checkpoints
+from replicator.store import checkpoints, incarnation
 from replicator.store.checkpoints import Checkpoint
 from replicator.store.mirror import MirrorStore
 from replicator.store.tables import create_schema
@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 _CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError,
                       asyncpg.CannotConnectNowError, asyncpg.ConnectionFailureError,
                       asyncpg.AdminShutdownError, asyncpg.InternalClientError)
+
+
+def _parse_lsn(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
 
 
 async def _connect(dsn: str, what: str) -> asyncpg.Connection:
@@ -185,26 +190,54 @@ class ErpPipeline:
         source = SourceInfo(cfg.stream, system.system_identifier, system.timeline, cfg.slot)
         cp = await checkpoints.load(replica, cfg.stream)
         slot = await self._wait_slot_free(erp, cfg.slot)
-        if cp is not None and slot is not None and cp.lsn is not None:
-            if cp.system_identifier != system.system_identifier or cp.slot_name != cfg.slot:
-                logger.warning("checkpoint belongs to another server or slot, resyncing", extra={
-                    "checkpoint_system": cp.system_identifier,
-                    "server_system": system.system_identifier, "slot": cfg.slot})
-            elif slot["wal_status"] == "lost":
-                logger.warning("replication slot lost its WAL, resyncing", extra={"slot": cfg.slot})
-            else:
-                logger.info("resuming from checkpoint", extra={
-                    "position": cp.position, "slot_confirmed": slot["confirmed"]})
-                return cp.lsn, source
+        restored = await incarnation.was_restored(replica)
+        why = self._why_resync(cp, slot, system.system_identifier, restored)
+        if why is None:
+            assert cp is not None and cp.lsn is not None
+            logger.info("resuming from checkpoint", extra={
+                "position": cp.position, "slot_confirmed": slot and slot["confirmed"]})
+            await incarnation.record(replica)
+            return cp.lsn, source
+        if cp is not None:
+            logger.warning("resyncing every erp table from a new slot", extra={
+                "slot": cfg.slot, "reason": why, "checkpoint": cp.position,
+                "slot_confirmed": slot and slot["confirmed"]})
         if slot is not None:
             logger.warning("dropping replication slot without a usable checkpoint",
                            extra={"slot": cfg.slot})
             await erp.execute("SELECT pg_drop_replication_slot($1)", cfg.slot)
-        return await self._snapshot(replica, erp, stream, source), source
+        lsn = await self._snapshot(replica, erp, stream, source,
+                                   reason="snapshot" if cp is None else "resync", why=why)
+        await incarnation.record(replica)
+        return lsn, source
+
+    def _why_resync(
+        self, cp: Checkpoint | None, slot: asyncpg.Record | None, system_identifier: str,
+        restored: bool,
+    ) -> str | None:
+        """Say why the stream cannot resume from ``cp``, or None when it can.
+
+        The slot is confirmed only up to what the replica committed, or past
+        it by WAL with nothing published (psycopg2 moves an idle stream's flush
+        position to the keepalive's WAL end), so a slot ahead of the checkpoint
+        means released changes only when the replica was restored from a backup.
+        """
+        if cp is None or cp.lsn is None:
+            return "no checkpoint"
+        if slot is None:
+            return "replication slot missing (dropped)"
+        if cp.system_identifier != system_identifier or cp.slot_name != self.erp_settings.slot:
+            return "checkpoint belongs to another server or slot"
+        if slot["wal_status"] == "lost":
+            return "replication slot invalidated (wal_status lost)"
+        if restored and slot["confirmed"] and _parse_lsn(slot["confirmed"]) > cp.lsn:
+            return "replica restored from a backup; the slot released changes it lacks"
+        return None
 
     async def _snapshot(
         self, replica: asyncpg.Connection, erp_conn: asyncpg.Connection,
-        stream: ReplicationStream, source: SourceInfo,
+        stream: ReplicationStream, source: SourceInfo, *, reason: str = "snapshot",
+        why: str = "no checkpoint",
     ) -> int:
         cfg = self.erp_settings
         new_slot = await stream.create_slot(cfg.slot)
@@ -219,7 +252,7 @@ class ErpPipeline:
                 await checkpoints.save(replica, Checkpoint(
                     cfg.stream, lsn_to_str(new_slot.consistent_lsn), new_slot.consistent_lsn,
                     source.system_identifier, source.timeline, cfg.slot,
-                    {"snapshot": new_slot.snapshot_name}), reason="snapshot")
+                    {"snapshot": new_slot.snapshot_name, "why": why}), reason=reason)
         finally:
             reader.terminate()
         logger.info("initial snapshot loaded", extra={

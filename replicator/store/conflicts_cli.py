@@ -1,0 +1,39 @@
+"""``replicator conflicts list``: field conflicts of the two-way sync and the rule that decided.
+
+The table stays empty until the write-back sinks land; the command already
+reads it so operators and scripts can rely on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from replicator import config as config_module
+from replicator.config import Settings
+from replicator.store.admin import print_table, replica_connection
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="path of the TOML config file")
+    sub = parser.add_subparsers(dest="action", required=True)
+    listing = sub.add_parser("list", help="conflicts, newest first")
+    listing.add_argument("--entity", help="only this entity")
+    listing.add_argument("--limit", type=int, default=100)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = config_module.load(args.config)
+    return asyncio.run(list_conflicts(settings, args.entity, args.limit))
+
+
+async def list_conflicts(settings: Settings, entity: str | None, limit: int) -> int:
+    async with replica_connection(settings.replica.resolve()) as conn:
+        rows = await conn.fetch(
+            "SELECT id, recorded_at, entity, entity_key, field, erp_value, erp_source, "
+            "erp_time, sf_value, sf_source, sf_time, rule, winner "
+            "FROM replicator.conflicts WHERE $1::text IS NULL OR entity = $1 "
+            "ORDER BY id DESC LIMIT $2", entity, limit)
+    print_table(("id", "recorded", "entity", "key", "field", "erp value", "erp source",
+                 "erp time", "sf value", "sf source", "sf time", "rule", "winner"), rows)
+    return 0

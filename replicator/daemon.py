@@ -39,12 +39,19 @@ from replicator.sources.erp.source import ErpPipeline
 
 logger = logging.getLogger(__name__)
 
+# a pipeline: its task's name, the object (stats, ready) and how to run it
+_Pipeline = tuple[str, Any, Callable[[], Coroutine[Any, Any, Any]]]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="path of the TOML config file")
     parser.add_argument(
-        "--until-caught-up", action="store_true",
-        help="stop once every source is caught up (for scripts and tests)")
+        "--config", "-c", required=True, help="path of the TOML config file"
+    )
+    parser.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="stop once every source is caught up (for scripts and tests)",
+    )
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
@@ -65,16 +72,20 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
 class Daemon:
     """The ops side (state, metrics, endpoint, notices) and the instance's lifecycle."""
 
-    def __init__(self, settings: Settings, stop: asyncio.Event, *,
-                 until_caught_up: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, stop: asyncio.Event, *, until_caught_up: bool = False
+    ) -> None:
         self.settings = settings
         self.stop = stop
         self.until_caught_up = until_caught_up
         url_env = settings.ops.webhook_url_env
-        self.notifier = Notifier(os.environ.get(url_env) if url_env else None,
-                                 timeout=settings.ops.webhook_timeout_seconds)
-        self.state = OpsState(lag_budget=settings.ops.lag_budget_seconds,
-                              notify=self.notifier.notify)
+        self.notifier = Notifier(
+            os.environ.get(url_env) if url_env else None,
+            timeout=settings.ops.webhook_timeout_seconds,
+        )
+        self.state = OpsState(
+            lag_budget=settings.ops.lag_budget_seconds, notify=self.notifier.notify
+        )
         self.metrics = Metrics()
         self.collector = Collector(settings, self.state, self.metrics)
         self.ops_port: int | None = None
@@ -86,7 +97,9 @@ class Daemon:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.settings.ops.listen:
-                    server = OpsServer(self.settings.ops.listen, self.state, self.metrics)
+                    server = OpsServer(
+                        self.settings.ops.listen, self.state, self.metrics
+                    )
                     self.ops_port = (await stack.enter_async_context(server)).port
                 await self._serve_with_helpers(stop)
         except BaseExceptionGroup as group:
@@ -97,14 +110,19 @@ class Daemon:
 
     async def _serve_with_helpers(self, stop: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as tg:
-            helpers = [tg.create_task(self.notifier.serve(), name="ops:webhook"),
-                       tg.create_task(self.collector.run(), name="ops:collector")]
+            helpers = [
+                tg.create_task(self.notifier.serve(), name="ops:webhook"),
+                tg.create_task(self.collector.run(), name="ops:collector"),
+            ]
             try:
                 await self._run_instance(stop)
             finally:
                 self.collector.mark_stopped()
                 self.metrics.active.set(0)
-                await self.notifier.drain(2.0)
+                # the last notices (streams stopped) get a short grace period
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await self.notifier.drain()
                 for task in helpers:
                     task.cancel()
 
@@ -119,21 +137,21 @@ class Daemon:
             try:
                 if await self._hold_lock(identity, stop):
                     return
-                backoff.reset()
             except LostLockError:
                 raise
             except StoreError as exc:
-                delay = backoff.next_delay()
-                logger.error("instance lock unavailable, retrying", extra={
-                    "error": str(exc), "retry_in": round(delay, 2),
-                    "attempt": backoff.attempt})
-                await _wait_or_stop(stop, delay)
+                await _retry_later(stop, backoff, exc)
+                continue
+            backoff.reset()
 
     async def _hold_lock(self, identity: str, stop: asyncio.Event) -> bool:
         """Wait for the lock, then run; return True when done, False to wait again."""
         settings = self.settings.daemon
-        async with InstanceLock(self.settings.replica.resolve(), identity,
-                                check_seconds=settings.lock_check_seconds) as lock:
+        async with InstanceLock(
+            self.settings.replica.resolve(),
+            identity,
+            check_seconds=settings.lock_check_seconds,
+        ) as lock:
             self.state.set_role("standby")
             if not await _until_stopped(lock.acquire(), stop):
                 return True
@@ -145,7 +163,8 @@ class Daemon:
         if settings.on_lost_lock == "exit":
             raise LostLockError(
                 "the instance lock's session on the replica ended; streams stopped so "
-                "that a standby can take over (daemon.on_lost_lock = \"exit\")")
+                'that a standby can take over (daemon.on_lost_lock = "exit")'
+            )
         return False
 
     async def _run_active(self, stop: asyncio.Event, lock: InstanceLock | None) -> bool:
@@ -153,24 +172,31 @@ class Daemon:
         self.metrics.active.set(1)
         pipelines = self._pipelines()
         if not pipelines:
-            raise ConfigError("the config names no source; add an [erp] or a "
-                              "[salesforce] section")
+            raise ConfigError(
+                "the config names no source; add an [erp] or a [salesforce] section"
+            )
         async with asyncio.TaskGroup() as tg:
-            tasks = {key: tg.create_task(run(), name=name)
-                     for key, (name, _, run) in pipelines.items()}
+            tasks = {
+                key: tg.create_task(run(), name=name)
+                for key, (name, _, run) in pipelines.items()
+            }
             self.collector.pipelines = {key: p for key, (_, p, _) in pipelines.items()}
             self.collector.running = tasks
             extra = self._helpers(tg, pipelines, stop)
-            waits = {tg.create_task(stop.wait(), name="daemon:stop"),
-                     tg.create_task(asyncio.wait(tasks.values()), name="daemon:done")}
+            waits = {
+                tg.create_task(stop.wait(), name="daemon:stop"),
+                tg.create_task(asyncio.wait(tasks.values()), name="daemon:done"),
+            }
             if lock is not None:
                 extra.append(tg.create_task(lock.watch(), name="daemon:lock"))
                 waits.add(tg.create_task(lock.lost.wait(), name="daemon:lost"))
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             lost = lock is not None and lock.lost.is_set()
             if lost:
-                logger.error("instance lock lost, stopping every stream now", extra={
-                    "lock": lock.identity if lock else None})
+                logger.error(
+                    "instance lock lost, stopping every stream now",
+                    extra={"lock": lock.identity if lock else None},
+                )
                 for task in tasks.values():
                     task.cancel()
             elif stop.is_set():
@@ -180,13 +206,16 @@ class Daemon:
         self.metrics.active.set(0)
         return lost
 
-    def _pipelines(self) -> dict[str, tuple[str, Any, Callable[[], Awaitable[Any]]]]:
+    def _pipelines(self) -> dict[str, _Pipeline]:
         settings, stop_event = self.settings, self.stop
-        out: dict[str, tuple[str, Any, Callable[[], Awaitable[Any]]]] = {}
+        out: dict[str, _Pipeline] = {}
         if settings.erp is not None:
             erp = ErpPipeline(settings)
-            out["erp"] = (f"source:erp:{settings.erp.slot}", erp,
-                          lambda: erp.run(stop_event, until_caught_up=self.until_caught_up))
+            out["erp"] = (
+                f"source:erp:{settings.erp.slot}",
+                erp,
+                lambda: erp.run(stop_event, until_caught_up=self.until_caught_up),
+            )
         if settings.salesforce is not None:
             from replicator.sources.salesforce.source import SalesforcePipeline
 
@@ -194,23 +223,30 @@ class Daemon:
             out["salesforce"] = ("source:salesforce", sf, lambda: sf.run(stop_event))
         return out
 
-    def _helpers(self, tg: asyncio.TaskGroup, pipelines: dict[str, Any],
-                 stop: asyncio.Event) -> list[asyncio.Task[Any]]:
+    def _helpers(
+        self, tg: asyncio.TaskGroup, pipelines: dict[str, Any], stop: asyncio.Event
+    ) -> list[asyncio.Task[Any]]:
         if not self.until_caught_up or "salesforce" not in pipelines:
             return []
         sf = pipelines["salesforce"][1]
-        return [tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet")]
+        return [
+            tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet")
+        ]
 
     async def _drain(self, tasks: list[asyncio.Task[Any]]) -> None:
         deadline = self.settings.daemon.shutdown_seconds
         _, pending = await asyncio.wait(tasks, timeout=deadline)
         for task in pending:
-            logger.warning("task did not stop within the shutdown deadline, cancelling",
-                           extra={"task": task.get_name(), "deadline_seconds": deadline})
+            logger.warning(
+                "task did not stop within the shutdown deadline, cancelling",
+                extra={"task": task.get_name(), "deadline_seconds": deadline},
+            )
             task.cancel()
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, until_caught_up: bool) -> None:
+async def serve(
+    settings: Settings, stop: asyncio.Event, *, until_caught_up: bool
+) -> None:
     """Run every configured source until ``stop`` is set."""
     await Daemon(settings, stop, until_caught_up=until_caught_up).serve()
 
@@ -233,13 +269,28 @@ async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
     return True
 
 
+async def _retry_later(stop: asyncio.Event, backoff: Backoff, exc: StoreError) -> None:
+    delay = backoff.next_delay()
+    logger.error(
+        "instance lock unavailable, retrying",
+        extra={
+            "error": str(exc),
+            "retry_in": round(delay, 2),
+            "attempt": backoff.attempt,
+        },
+    )
+    await _wait_or_stop(stop, delay)
+
+
 async def _wait_or_stop(stop: asyncio.Event, delay: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(delay):
             await stop.wait()
 
 
-async def _stop_when_quiet(pipeline: Any, stop: asyncio.Event, quiet: float = 3.0) -> None:
+async def _stop_when_quiet(
+    pipeline: Any, stop: asyncio.Event, quiet: float = 3.0
+) -> None:
     """For --until-caught-up: stop once the org's stream has been quiet for a while."""
     await pipeline.ready.wait()
     last = -1

@@ -28,8 +28,13 @@ from replicator.errors import StoreConnectionError, StoreError
 
 logger = logging.getLogger(__name__)
 
-_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                      asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError)
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
 
 
 def lock_identity(settings: Settings) -> str:
@@ -70,12 +75,16 @@ class InstanceLock:
     async def __aenter__(self) -> InstanceLock:
         try:
             self._conn = await asyncpg.connect(
-                self.dsn, server_settings={"application_name": "replicator lock"})
+                self.dsn, server_settings={"application_name": "replicator lock"}
+            )
         except (*_CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
             raise StoreConnectionError(
-                f"cannot connect to the replica for the instance lock: {exc}") from exc
+                f"cannot connect to the replica for the instance lock: {exc}"
+            ) from exc
         except asyncpg.PostgresError as exc:
-            raise StoreError(f"replica refused the instance lock's connection: {exc}") from exc
+            raise StoreError(
+                f"replica refused the instance lock's connection: {exc}"
+            ) from exc
         self._conn.add_termination_listener(lambda conn: self.lost.set())
         return self
 
@@ -98,8 +107,14 @@ class InstanceLock:
             if await conn.fetchval("SELECT pg_try_advisory_lock($1)", self.key):
                 return
             holder = await conn.fetchval(holder_query(), self.key)
-            logger.info("standby: another instance holds the lock, waiting", extra={
-                "lock": self.identity, "holder_backend_pid": holder, "pid": os.getpid()})
+            logger.info(
+                "standby: another instance holds the lock, waiting",
+                extra={
+                    "lock": self.identity,
+                    "holder_backend_pid": holder,
+                    "pid": os.getpid(),
+                },
+            )
             await conn.execute("SELECT pg_advisory_lock($1)", self.key)
         except _CONNECTION_ERRORS as exc:
             raise StoreConnectionError(f"instance lock connection lost: {exc}") from exc
@@ -130,8 +145,11 @@ class InstanceLock:
 
 
 def holder_query() -> str:
-    """SQL returning the backend pid holding the lock ``$1`` in this database, or none."""
-    return ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND classid = (($1::bigint >> 32) & 4294967295)::oid "
-            "AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1 "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    """Return SQL giving the pid holding lock ``$1`` in this database, if any."""
+    return (
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid = (($1::bigint >> 32) & 4294967295)::oid "
+        "AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1 "
+        "AND database = (SELECT oid FROM pg_database "
+        "WHERE datname = current_database())"
+    )

@@ -41,8 +41,13 @@ INSERT INTO ledger (memo) SELECT 'seed' FROM generate_series(1, 200);
 
 
 def config_for(case: ErpCase, path: Path, extra: str = "") -> Path:
-    write_config(path, replica_dsn=case.replica_dsn, erp_dsn=case.erp_dsn,
-                 slot=case.slot, publication=case.publication)
+    write_config(
+        path,
+        replica_dsn=case.replica_dsn,
+        erp_dsn=case.erp_dsn,
+        slot=case.slot,
+        publication=case.publication,
+    )
     with open(path, "a") as fh:
         fh.write('\n[ops]\nlisten = "127.0.0.1:0"\nsample_seconds = 0.3\n' + extra)
     return path
@@ -61,7 +66,9 @@ class Writer:
         conn = await asyncpg.connect(self.dsn)
         try:
             while not self._stop.is_set():
-                await conn.execute("INSERT INTO ledger (memo) VALUES ($1)", f"w{self.commits}")
+                await conn.execute(
+                    "INSERT INTO ledger (memo) VALUES ($1)", f"w{self.commits}"
+                )
                 self.commits += 1
                 await asyncio.sleep(0.003)
         finally:
@@ -93,8 +100,13 @@ def log_events(daemon: Daemon, run: int | None = None) -> list[str]:
 
 async def applied_batches(replica_dsn: str) -> int:
     try:
-        return int(await fetchval(replica_dsn, "SELECT count(*) FROM "
-                                  "replicator.checkpoint_history WHERE reason = 'apply'"))
+        return int(
+            await fetchval(
+                replica_dsn,
+                "SELECT count(*) FROM "
+                "replicator.checkpoint_history WHERE reason = 'apply'",
+            )
+        )
     except asyncpg.UndefinedTableError:
         return 0
 
@@ -106,8 +118,9 @@ async def wait_streaming(case: ErpCase, after: int = 2) -> None:
     await wait_for(moved, timeout=60, what="applied batches")
 
 
-async def wait_log(daemon: Daemon, event: str, *, timeout: float,
-                   run: int | None = None) -> dict[str, Any]:
+async def wait_log(
+    daemon: Daemon, event: str, *, within: float, run: int | None = None
+) -> dict[str, Any]:
     async def seen() -> dict[str, Any] | None:
         for record in daemon.records(run or daemon.runs):
             if record.get("event") == event:
@@ -116,16 +129,18 @@ async def wait_log(daemon: Daemon, event: str, *, timeout: float,
             raise AssertionError(f"daemon exited before {event!r}:\n{daemon.output()}")
         return None
 
-    return await wait_for(seen, timeout=timeout, what=f"log {event!r}")
+    return await wait_for(seen, timeout=within, what=f"log {event!r}")
 
 
 async def ops_port(daemon: Daemon) -> int:
-    return int((await wait_log(daemon, "ops server listening", timeout=30))["port"])
+    return int((await wait_log(daemon, "ops server listening", within=30))["port"])
 
 
 async def http_status(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(
-            f"http://127.0.0.1:{port}{path}") as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}{path}") as response,
+    ):
         return response.status, await response.json()
 
 
@@ -133,9 +148,13 @@ async def assert_nothing_lost_nothing_twice(case: ErpCase) -> None:
     await assert_mirrored(case, "ledger")
     replica = await asyncpg.connect(case.replica_dsn)
     try:
-        applied = [r["lsn"] for r in await replica.fetch(
-            "SELECT lsn FROM replicator.checkpoint_history WHERE reason = 'apply' "
-            "ORDER BY id")]
+        applied = [
+            r["lsn"]
+            for r in await replica.fetch(
+                "SELECT lsn FROM replicator.checkpoint_history WHERE reason = 'apply' "
+                "ORDER BY id"
+            )
+        ]
     finally:
         await replica.close()
     assert applied == sorted(set(applied))  # strictly increasing: nothing re-applied
@@ -150,7 +169,8 @@ async def restart_until_caught_up(daemon: Daemon) -> None:
 
 
 async def test_sigterm_mid_stream_drains_commits_acknowledges_and_exits_0(
-    erp_case: ErpCase, tmp_path: Path,
+    erp_case: ErpCase,
+    tmp_path: Path,
 ) -> None:
     """SIGTERM under load: exit 0; the mirror holds exactly the rows up to the
     checkpoint (no hole, nothing past it), the slot is acknowledged to the
@@ -176,7 +196,8 @@ async def test_sigterm_mid_stream_drains_commits_acknowledges_and_exits_0(
 
     assert code == 0, daemon.output()
     events = log_events(daemon, 1)
-    assert "stop requested" in events and "daemon stopped" in events
+    assert "stop requested" in events
+    assert "daemon stopped" in events
     assert "task did not stop within the shutdown deadline, cancelling" not in events
     assert confirmed == stored
     assert count == top  # every row up to the last applied one, no hole
@@ -186,7 +207,9 @@ async def test_sigterm_mid_stream_drains_commits_acknowledges_and_exits_0(
 async def _mirror_extent(replica_dsn: str) -> tuple[int, int]:
     conn = await asyncpg.connect(replica_dsn)
     try:
-        row = await conn.fetchrow("SELECT count(*) AS n, max(id) AS top FROM erp.ledger")
+        row = await conn.fetchrow(
+            "SELECT count(*) AS n, max(id) AS top FROM erp.ledger"
+        )
         return int(row["n"]), int(row["top"])
     finally:
         await conn.close()
@@ -201,7 +224,8 @@ FOR EACH STATEMENT EXECUTE FUNCTION public.slow_apply();
 
 
 async def test_second_sigint_exits_at_once_and_a_restart_loses_nothing(
-    erp_case: ErpCase, tmp_path: Path,
+    erp_case: ErpCase,
+    tmp_path: Path,
 ) -> None:
     """The first SIGINT starts a drain held up by a slow replica; the second exits
     the process at once (130); the rolled-back batch comes again after restart."""
@@ -217,7 +241,7 @@ async def test_second_sigint_exits_at_once_and_a_restart_loses_nothing(
             await asyncio.sleep(1.0)  # the applier is now inside a slow statement
 
             daemon.proc.send_signal(signal.SIGINT)
-            await wait_log(daemon, "stop requested", timeout=10)
+            await wait_log(daemon, "stop requested", within=10)
             started = time.monotonic()
             daemon.proc.send_signal(signal.SIGINT)
             code = await daemon.wait(10)
@@ -235,11 +259,12 @@ async def test_second_sigint_exits_at_once_and_a_restart_loses_nothing(
     await assert_nothing_lost_nothing_twice(erp_case)
 
 
-# -- one active instance ----------------------------------------------------------------
+# -- one active instance ------------------------------------------------------------
 
 
 async def test_standby_waits_then_takes_over_when_the_active_instance_is_killed(
-    erp_case: ErpCase, tmp_path: Path,
+    erp_case: ErpCase,
+    tmp_path: Path,
 ) -> None:
     """Two processes, one config: the second is a standby (alive, not ready); after
     SIGKILL of the first it takes the lock within seconds and streams on."""
@@ -254,15 +279,16 @@ async def test_standby_waits_then_takes_over_when_the_active_instance_is_killed(
             writer.start()
             await wait_streaming(erp_case)
             second.start()
-            await wait_log(second, "standby: another instance holds the lock, waiting",
-                           timeout=30)
+            await wait_log(
+                second, "standby: another instance holds the lock, waiting", within=30
+            )
             port = await ops_port(second)
             health = await http_status(port, "/healthz")
             readiness = await http_status(port, "/readyz")
 
             first.kill()
             killed_at = time.monotonic()
-            await wait_log(second, "instance lock acquired", timeout=30)
+            await wait_log(second, "instance lock acquired", within=30)
             took_over = time.monotonic() - killed_at
 
             async def ready() -> bool:
@@ -278,27 +304,34 @@ async def test_standby_waits_then_takes_over_when_the_active_instance_is_killed(
             second.close()
 
     assert health == (200, {"status": "alive", "role": "standby"})
-    assert readiness[0] == 503 and "instance is standby" in readiness[1]["reasons"]
+    assert readiness[0] == 503
+    assert "instance is standby" in readiness[1]["reasons"]
     assert took_over < 15
     assert code == 0, second.output()
     await assert_nothing_lost_nothing_twice(erp_case)
 
 
-KILL_LOCK_SESSION = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE application_name = 'replicator lock' "
-                     "AND datname = current_database()")
+KILL_LOCK_SESSION = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    "WHERE application_name = 'replicator lock' "
+    "AND datname = current_database()"
+)
 
 
 async def test_lost_lock_exits_3_when_configured_to_exit(
-    erp_case: ErpCase, tmp_path: Path,
+    erp_case: ErpCase,
+    tmp_path: Path,
 ) -> None:
     async with prepared(erp_case):
-        config = config_for(erp_case, tmp_path / "r.toml",
-                            '\n[daemon]\non_lost_lock = "exit"\nlock_check_seconds = 0.5\n')
+        config = config_for(
+            erp_case,
+            tmp_path / "r.toml",
+            '\n[daemon]\non_lost_lock = "exit"\nlock_check_seconds = 0.5\n',
+        )
         daemon = Daemon(config, tmp_path)
         try:
             daemon.start()
-            await wait_log(daemon, "stream state changed", timeout=60)
+            await wait_log(daemon, "stream state changed", within=60)
             await fetchval(erp_case.replica_dsn, KILL_LOCK_SESSION)
             code = await daemon.wait(30)
         finally:
@@ -310,7 +343,8 @@ async def test_lost_lock_exits_3_when_configured_to_exit(
 
 
 async def test_lost_lock_goes_back_to_standby_and_resumes_by_default(
-    erp_case: ErpCase, tmp_path: Path,
+    erp_case: ErpCase,
+    tmp_path: Path,
 ) -> None:
     async with prepared(erp_case):
         daemon = Daemon(config_for(erp_case, tmp_path / "r.toml"), tmp_path)
@@ -320,8 +354,9 @@ async def test_lost_lock_goes_back_to_standby_and_resumes_by_default(
             writer.start()
             await wait_streaming(erp_case)
             await fetchval(erp_case.replica_dsn, KILL_LOCK_SESSION)
-            await wait_log(daemon, "instance lock lost, stopping every stream now",
-                           timeout=30)
+            await wait_log(
+                daemon, "instance lock lost, stopping every stream now", within=30
+            )
 
             async def reacquired() -> bool:
                 return log_events(daemon).count("instance lock acquired") >= 2
@@ -338,7 +373,7 @@ async def test_lost_lock_goes_back_to_standby_and_resumes_by_default(
     await assert_nothing_lost_nothing_twice(erp_case)
 
 
-# -- exit codes and logs ----------------------------------------------------------------
+# -- exit codes and logs ------------------------------------------------------------
 
 
 class VerboseDaemon(Daemon):
@@ -349,11 +384,25 @@ class VerboseDaemon(Daemon):
         out = self.log_dir / f"daemon-{self.runs}.out"
         err = self.log_dir / f"daemon-{self.runs}.err"
         self.logs.append(out)
-        cmd = [sys.executable, "-m", "replicator", "-v", "--log-format", "json", "run",
-               "--config", str(self.config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "replicator",
+            "-v",
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            str(self.config),
+        ]
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
-            self.proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         return self.proc
 
 
@@ -367,11 +416,14 @@ async def test_config_error_exits_2_with_one_line(tmp_path: Path) -> None:
 
     assert code == 2
     assert daemon.stderr().strip().count("\n") == 0
-    assert "retries" in daemon.stderr() and "unknown key" in daemon.stderr()
+    assert "retries" in daemon.stderr()
+    assert "unknown key" in daemon.stderr()
 
 
 async def test_logs_never_carry_a_password_token_or_full_dsn(
-    erp_case: ErpCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    erp_case: ErpCase,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Run at DEBUG with passwords in both DSNs (one through dsn_env) and a webhook
     URL carrying a token that cannot be reached: no secret in stdout or stderr."""
@@ -385,13 +437,15 @@ async def test_logs_never_carry_a_password_token_or_full_dsn(
         f"[replica]\ndsn = {json.dumps(replica_dsn)}\n\n"
         f"[erp]\nslot = {json.dumps(erp_case.slot)}\n"
         f"publication = {json.dumps(erp_case.publication)}\nheartbeat_seconds = 0.2\n"
-        "status_interval_seconds = 0.5\n\n[erp.database]\ndsn_env = \"TEST_ERP_DSN\"\n\n"
-        '[ops]\nlisten = "127.0.0.1:0"\nsample_seconds = 0.2\nwebhook_url_env = "TEST_HOOK"\n'
-        "webhook_timeout_seconds = 0.5\n")
+        'status_interval_seconds = 0.5\n\n[erp.database]\ndsn_env = "TEST_ERP_DSN"\n\n'
+        '[ops]\nlisten = "127.0.0.1:0"\nsample_seconds = 0.2\n'
+        'webhook_url_env = "TEST_HOOK"\n'
+        "webhook_timeout_seconds = 0.5\n"
+    )
     async with prepared(erp_case):
         daemon = VerboseDaemon(config, tmp_path)
         daemon.start()
-        await wait_log(daemon, "stream state changed", timeout=60)
+        await wait_log(daemon, "stream state changed", within=60)
         await asyncio.sleep(1.0)  # a few samples, notices and their failures
         daemon.proc.send_signal(signal.SIGTERM)
         code = await daemon.wait(30)

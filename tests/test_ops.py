@@ -39,7 +39,9 @@ def test_readiness_needs_the_active_role_and_every_stream_within_budget() -> Non
     ready, reasons = state.readiness()
 
     assert not ready
-    assert reasons == ["stream sf:AccountChangeEvent lags 11.0s, over its budget of 10s"]
+    assert reasons == [
+        "stream sf:AccountChangeEvent lags 11.0s, over its budget of 10s"
+    ]
 
 
 def test_readiness_of_a_standby_is_false_even_with_no_streams() -> None:
@@ -64,15 +66,23 @@ def test_state_changes_notify_once_each_and_dead_letters_on_crossing() -> None:
         state.set_dead_letters(count, threshold=5)
 
     kinds = [(n["event"], n.get("state"), n.get("above")) for n in notices]
-    assert kinds == [("stream_state", "streaming", None), ("stream_state", "down", None),
-                     ("stream_state", "streaming", None), ("dead_letters", None, True),
-                     ("dead_letters", None, False)]
+    assert kinds == [
+        ("stream_state", "streaming", None),
+        ("stream_state", "down", None),
+        ("stream_state", "streaming", None),
+        ("dead_letters", None, True),
+        ("dead_letters", None, False),
+    ]
 
 
-@pytest.mark.parametrize(("listen", "expected"), [
-    ("127.0.0.1:9108", ("127.0.0.1", 9108)), ("[::1]:0", ("::1", 0)),
-    (":9108", ("0.0.0.0", 9108)),
-])
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:9108", ("127.0.0.1", 9108)),
+        ("[::1]:0", ("::1", 0)),
+        (":9108", ("0.0.0.0", 9108)),
+    ],
+)
 def test_listen_addresses_parse(listen: str, expected: tuple[str, int]) -> None:
     assert parse_listen(listen) == expected
 
@@ -81,7 +91,9 @@ def test_listen_addresses_parse(listen: str, expected: tuple[str, int]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def receiver(fail_first: int = 0) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+async def receiver(
+    fail_first: int = 0,
+) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     """A local aiohttp server that records the JSON bodies posted to /hook."""
     received: list[dict[str, Any]] = []
     failures = [fail_first]
@@ -116,15 +128,19 @@ async def test_webhook_posts_each_state_change_as_json_retrying_a_refusal() -> N
             state.set_state("erp", "down")
             state.set_state("erp", "streaming")
             state.notify({"event": "resync", "stream": "erp", "phase": "started"})
-            await notifier.drain(15)
+            async with asyncio.timeout(15):
+                await notifier.drain()
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     assert [(r["event"], r.get("state") or r.get("phase")) for r in received] == [
-        ("stream_state", "streaming"), ("stream_state", "down"),
-        ("stream_state", "streaming"), ("resync", "started")]
+        ("stream_state", "streaming"),
+        ("stream_state", "down"),
+        ("stream_state", "streaming"),
+        ("resync", "started"),
+    ]
     assert all(r["instance"] == "test-host" and r["at"] > 0 for r in received)
 
 
@@ -157,16 +173,26 @@ async def test_running_daemon_serves_health_readiness_and_metrics(
     table, observe the apply latency, and show the slot's retained WAL."""
     erp = await asyncpg.connect(erp_case.erp_dsn)
     await erp.execute(SCHEMA)
-    settings = erp_case.settings().model_copy(update={
-        "ops": parse({"replica": {"dsn": "x"}, "ops": {
-            "listen": "127.0.0.1:0", "sample_seconds": 0.2}}).ops})
+    settings = erp_case.settings().model_copy(
+        update={
+            "ops": parse(
+                {
+                    "replica": {"dsn": "x"},
+                    "ops": {"listen": "127.0.0.1:0", "sample_seconds": 0.2},
+                }
+            ).ops
+        }
+    )
     stop = asyncio.Event()
     daemon = Daemon(settings, stop)
     task = asyncio.create_task(daemon.serve())
     try:
         async with aiohttp.ClientSession() as http:
-            await wait_for(lambda: asyncio.sleep(0, daemon.ops_port), timeout=20,
-                           what="the ops server")
+            await wait_for(
+                lambda: asyncio.sleep(0, daemon.ops_port),
+                timeout=20,
+                what="the ops server",
+            )
             base = f"http://127.0.0.1:{daemon.ops_port}"
 
             async def ready() -> bool:
@@ -179,8 +205,10 @@ async def test_running_daemon_serves_health_readiness_and_metrics(
 
             async def counted() -> dict[Any, float] | None:
                 values = metric_values((await get(http, base + "/metrics"))[1])
-                key = ("replicator_events_applied_total",
-                       (("entity", "note"), ("stream", "erp")))
+                key = (
+                    "replicator_events_applied_total",
+                    (("entity", "note"), ("stream", "erp")),
+                )
                 return values if values.get(key) == 20 else None
 
             values = await wait_for(counted, timeout=30, what="note rows counted")
@@ -191,21 +219,31 @@ async def test_running_daemon_serves_health_readiness_and_metrics(
         await asyncio.wait_for(task, 30)
         await erp.close()
 
-    assert health[0] == 200 and json.loads(health[1])["role"] == "active"
-    assert readyz["ready"] and readyz["streams"]["erp"]["state"] == "streaming"
+    assert health[0] == 200
+    assert json.loads(health[1])["role"] == "active"
+    assert readyz["ready"]
+    assert readyz["streams"]["erp"]["state"] == "streaming"
     erp_labels = (("stream", "erp"),)
-    assert values[("replicator_events_received_total", (("entity", "*"),) + erp_labels)] >= 25
+    assert (
+        values[("replicator_events_received_total", (("entity", "*"), *erp_labels))]
+        >= 25
+    )
     assert values[("replicator_apply_latency_seconds_count", erp_labels)] >= 1
     assert values[("replicator_stream_up", erp_labels)] == 1
     assert values[("replicator_lag_seconds", erp_labels)] >= 0
     assert values[("replicator_instance_active", ())] == 1
-    assert values[("replicator_erp_slot_wal_retained_bytes", (("slot", erp_case.slot),))] >= 0
+    assert (
+        values[("replicator_erp_slot_wal_retained_bytes", (("slot", erp_case.slot),))]
+        >= 0
+    )
     assert ("replicator_checkpoint_age_seconds", erp_labels) in values
     assert values[("replicator_conflicts_total", ())] == 0
 
 
 async def test_status_reports_each_stream_from_the_replica_without_the_daemon(
-    erp_case: ErpCase, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    erp_case: ErpCase,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     erp = await asyncpg.connect(erp_case.erp_dsn)
     await erp.execute(SCHEMA)
@@ -213,20 +251,31 @@ async def test_status_reports_each_stream_from_the_replica_without_the_daemon(
     await erp.execute("INSERT INTO note (body) SELECT 'x' FROM generate_series(1, 30)")
     await erp.close()
     await replicate(erp_case)
-    config = write_config(tmp_path / "r.toml", replica_dsn=erp_case.replica_dsn,
-                          erp_dsn=erp_case.erp_dsn, slot=erp_case.slot,
-                          publication=erp_case.publication)
+    config = write_config(
+        tmp_path / "r.toml",
+        replica_dsn=erp_case.replica_dsn,
+        erp_dsn=erp_case.erp_dsn,
+        slot=erp_case.slot,
+        publication=erp_case.publication,
+    )
 
     # main() runs its own event loop: call it from a thread, as a shell would
-    code_json = await asyncio.to_thread(main, ["status", "--config", str(config), "--json"])
+    code_json = await asyncio.to_thread(
+        main, ["status", "--config", str(config), "--json"]
+    )
     report = json.loads(capsys.readouterr().out)
     code_table = await asyncio.to_thread(main, ["status", "--config", str(config)])
     table = capsys.readouterr().out
 
-    assert code_json == 0 and code_table == 0
+    assert code_json == 0
+    assert code_table == 0
     assert report["daemon"] == "not running"
     (stream,) = report["streams"]
-    assert stream["stream"] == "erp" and stream["state"] == "stopped"
-    assert stream["events_per_second"] > 0 and stream["dead_letters"] == 0
-    assert stream["last_event_at"] is not None and "/" in stream["position"]
-    assert "events_per_s" in table.splitlines()[1] and "erp" in table
+    assert stream["stream"] == "erp"
+    assert stream["state"] == "stopped"
+    assert stream["events_per_second"] > 0
+    assert stream["dead_letters"] == 0
+    assert stream["last_event_at"] is not None
+    assert "/" in stream["position"]
+    assert "events_per_s" in table.splitlines()[1]
+    assert "erp" in table

@@ -44,7 +44,7 @@ def _lsn(text: str | None) -> int | None:
 
 @dataclass
 class _Carry:
-    """Totals of stats objects a pipeline has replaced (one per run of the SF source)."""
+    """Totals of stats objects a pipeline has replaced (one per SF run)."""
 
     stats: Any = None
     base: collections.Counter[tuple[str, str]] | None = None
@@ -62,7 +62,8 @@ class Collector:
         self.running: dict[str, asyncio.Task[Any]] = {}
         self._carry: dict[str, _Carry] = {}
         self._lsn_samples: collections.deque[tuple[float, int]] = collections.deque(
-            maxlen=_LSN_SAMPLES)
+            maxlen=_LSN_SAMPLES
+        )
         self._replica: asyncpg.Connection | None = None
         self._erp: asyncpg.Connection | None = None
 
@@ -134,8 +135,10 @@ class Collector:
             self._drain_latencies(prefix, stats)
             self.metrics.totals.dead_lettered[prefix] = stats.dead_letters
         state = self._task_state("salesforce", pipeline)
-        if state == DOWN and (getattr(pipeline, "_to_load", None)
-                              or getattr(pipeline, "_to_catch_up", None)):
+        if state == DOWN and (
+            getattr(pipeline, "_to_load", None)
+            or getattr(pipeline, "_to_catch_up", None)
+        ):
             state = RESYNCING
         positions = getattr(pipeline, "_positions", {})
         last_commit = getattr(pipeline, "_last_commit", {})
@@ -144,15 +147,19 @@ class Collector:
             stream = applier.stream_name(channel) if channel else prefix
             position = positions.get(channel) if channel else None
             committed = last_commit.get(channel) if channel else None
-            self._set(stream, state, lag=self._sf_lag(stats) if state == STREAMING else None,
-                      position=None if position is None else str(position),
-                      last_event_at=committed.timestamp() if committed else None)
+            self._set(
+                stream,
+                state,
+                lag=self._sf_lag(stats) if state == STREAMING else None,
+                position=None if position is None else str(position),
+                last_event_at=committed.timestamp() if committed else None,
+            )
 
     def _sf_lag(self, stats: Any) -> float:
         return float(getattr(stats, "last_latency", 0.0) or 0.0)
 
     def _carry_totals(self, prefix: str, stats: Any) -> None:
-        """Keep SF totals monotonic across runs: each run_once makes a new stats object."""
+        """Keep SF totals monotonic: each run_once makes a new stats object."""
         carry = self._carry.setdefault(prefix, _Carry(base=collections.Counter()))
         assert carry.base is not None
         if carry.stats is not stats and carry.last is not None:
@@ -188,8 +195,12 @@ class Collector:
         previous = self.state.streams.get(stream)
         prev_state = previous.state if previous is not None else None
         was_resyncing = prev_state == RESYNCING
-        status = self.state.set_state(stream, state, lag_seconds=fields.pop("lag"),
-                                      **{k: v for k, v in fields.items() if v is not None})
+        status = self.state.set_state(
+            stream,
+            state,
+            lag_seconds=fields.pop("lag"),
+            **{k: v for k, v in fields.items() if v is not None},
+        )
         self.metrics.up.labels(stream).set(1 if state == STREAMING else 0)
         if status.lag_seconds is not None:
             self.metrics.lag.labels(stream).set(status.lag_seconds)
@@ -213,9 +224,12 @@ class Collector:
         try:
             async with asyncio.timeout(5):
                 conn = await asyncpg.connect(
-                    dsn, server_settings={"application_name": "replicator metrics"})
+                    dsn, server_settings={"application_name": "replicator metrics"}
+                )
         except _PROBE_ERRORS as exc:
-            logger.debug("metrics probe cannot connect", extra={"error": type(exc).__name__})
+            logger.debug(
+                "metrics probe cannot connect", extra={"error": type(exc).__name__}
+            )
             conn = None
         setattr(self, attr, conn)
         return conn
@@ -232,7 +246,9 @@ class Collector:
                 row = await conn.fetchrow(
                     "SELECT pg_current_wal_lsn()::text AS lsn, (SELECT pg_wal_lsn_diff("
                     "pg_current_wal_lsn(), restart_lsn) FROM pg_replication_slots "
-                    "WHERE slot_name = $1) AS retained", erp.slot)
+                    "WHERE slot_name = $1) AS retained",
+                    erp.slot,
+                )
         except _PROBE_ERRORS as exc:
             logger.debug("erp probe failed", extra={"error": type(exc).__name__})
             self._erp = None
@@ -257,34 +273,47 @@ class Collector:
             conn.terminate()
 
     async def _read_replica(self, conn: asyncpg.Connection) -> None:
-        tables = {r["name"] for r in await conn.fetch(
-            "SELECT c.relname AS name FROM pg_class c JOIN pg_namespace n ON "
-            "n.oid = c.relnamespace WHERE n.nspname = 'replicator'")}
+        tables = {
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT c.relname AS name FROM pg_class c JOIN pg_namespace n ON "
+                "n.oid = c.relnamespace WHERE n.nspname = 'replicator'"
+            )
+        }
         if "checkpoints" in tables:
             for r in await conn.fetch(
-                    "SELECT stream, extract(epoch FROM now() - updated_at)::float8 AS age "
-                    "FROM replicator.checkpoints"):
+                "SELECT stream, extract(epoch FROM now() - updated_at)::float8 AS age "
+                "FROM replicator.checkpoints"
+            ):
                 self.metrics.checkpoint_age.labels(r["stream"]).set(r["age"])
         if "checkpoint_history" in tables and "erp" in self.pipelines:
             stream = self.settings.erp.stream if self.settings.erp else "erp"
             count = await conn.fetchval(
                 "SELECT count(*) FROM replicator.checkpoint_history WHERE stream = $1 "
-                "AND reason IN ('snapshot', 'resync')", stream)
+                "AND reason IN ('snapshot', 'resync')",
+                stream,
+            )
             self.metrics.totals.resyncs[stream] = int(count)
         if "dead_letters" in tables:
-            parked = {r["stream"]: r["n"] for r in await conn.fetch(
-                "SELECT stream, count(*) AS n FROM replicator.dead_letters "
-                "WHERE status = 'parked' GROUP BY stream")}
+            parked = {
+                r["stream"]: r["n"]
+                for r in await conn.fetch(
+                    "SELECT stream, count(*) AS n FROM replicator.dead_letters "
+                    "WHERE status = 'parked' GROUP BY stream"
+                )
+            }
             for stream, n in parked.items():
                 self.metrics.dead_letters.labels(stream).set(n)
-            self.state.set_dead_letters(sum(parked.values()),
-                                        self.settings.ops.dead_letter_threshold)
+            self.state.set_dead_letters(
+                sum(parked.values()), self.settings.ops.dead_letter_threshold
+            )
         if "outbox" in tables:
             await self._read_outbox(conn)
         if "conflicts" in tables:
             with contextlib.suppress(asyncpg.PostgresError):
-                self.metrics.totals.conflicts = int(await conn.fetchval(
-                    "SELECT count(*) FROM replicator.conflicts"))
+                self.metrics.totals.conflicts = int(
+                    await conn.fetchval("SELECT count(*) FROM replicator.conflicts")
+                )
 
     async def _read_outbox(self, conn: asyncpg.Connection) -> None:
         # The outbox arrives with the two-way sync; until its columns settle,
@@ -292,7 +321,8 @@ class Collector:
         try:
             row = await conn.fetchrow(
                 "SELECT count(*) AS depth, extract(epoch FROM now() - min(created_at))"
-                "::float8 AS age FROM replicator.outbox WHERE status <> 'done'")
+                "::float8 AS age FROM replicator.outbox WHERE status <> 'done'"
+            )
         except asyncpg.PostgresError:
             return
         self.metrics.outbox_depth.set(row["depth"])

@@ -32,7 +32,9 @@ async def _readyz(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     ready, reasons = state.readiness()
     body: dict[str, Any] = {
-        "ready": ready, "role": state.role, "reasons": reasons,
+        "ready": ready,
+        "role": state.role,
+        "reasons": reasons,
         "streams": {name: s.as_dict() for name, s in sorted(state.streams.items())},
     }
     return web.json_response(body, status=200 if ready else 503)
@@ -58,11 +60,11 @@ def create_app(state: OpsState, metrics: Metrics) -> web.Application:
 def parse_listen(listen: str) -> tuple[str, int]:
     """Split ``host:port`` (``[::1]:9108`` for IPv6) into its parts."""
     host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 class OpsServer:
-    """Serve the endpoints on ``listen`` while the block runs; ``port`` is the bound one."""
+    """Serve the endpoints on ``listen`` in the block; ``port`` is the bound one."""
 
     def __init__(self, listen: str, state: OpsState, metrics: Metrics) -> None:
         self.host, self.port = parse_listen(listen)
@@ -76,13 +78,16 @@ class OpsServer:
         except OSError as exc:
             await self._runner.cleanup()
             raise ConfigError(
-                f"ops.listen: cannot listen on {self.host}:{self.port}: {exc.strerror}; "
-                "choose another address, or set listen = \"\" to serve no endpoint"
+                f"ops.listen: cannot listen on {self.host}:{self.port}: "
+                f"{exc.strerror}; "
+                'choose another address, or set listen = "" to serve no endpoint'
             ) from None
         for address in self._runner.addresses:
             self.port = int(address[1])
             break
-        logger.info("ops server listening", extra={"host": self.host, "port": self.port})
+        logger.info(
+            "ops server listening", extra={"host": self.host, "port": self.port}
+        )
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -35,9 +35,13 @@ class StreamStatus:
     since: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "lag_seconds": self.lag_seconds,
-                "position": self.position, "last_event_at": self.last_event_at,
-                "state_since": self.since}
+        return {
+            "state": self.state,
+            "lag_seconds": self.lag_seconds,
+            "position": self.position,
+            "last_event_at": self.last_event_at,
+            "state_since": self.since,
+        }
 
 
 Notice = dict[str, Any]
@@ -46,8 +50,12 @@ Notice = dict[str, Any]
 class OpsState:
     """The daemon's role and streams; calls ``notify`` on every state change."""
 
-    def __init__(self, *, lag_budget: float, notify: Callable[[Notice], None] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        *,
+        lag_budget: float,
+        notify: Callable[[Notice], None] | None = None,
+    ) -> None:
         self.lag_budget = lag_budget
         self.role = "starting"
         self.streams: dict[str, StreamStatus] = {}
@@ -75,11 +83,24 @@ class OpsState:
         if status.state != state:
             previous = status.state
             status.state, status.since = state, time.time()
-            logger.info("stream state changed", extra={
-                "stream": stream, "state": state, "previous": previous,
-                "position": status.position})
-            self._notify({"event": "stream_state", "stream": stream, "state": state,
-                          "previous": previous, "position": status.position})
+            logger.info(
+                "stream state changed",
+                extra={
+                    "stream": stream,
+                    "state": state,
+                    "previous": previous,
+                    "position": status.position,
+                },
+            )
+            self._notify(
+                {
+                    "event": "stream_state",
+                    "stream": stream,
+                    "state": state,
+                    "previous": previous,
+                    "position": status.position,
+                }
+            )
         return status
 
     def set_dead_letters(self, count: int, threshold: int) -> None:
@@ -88,10 +109,18 @@ class OpsState:
         if previous < threshold <= count or count < threshold <= previous:
             above = count >= threshold
             log = logger.warning if above else logger.info
-            log("dead letters crossed the threshold", extra={
-                "dead_letters": count, "threshold": threshold, "above": above})
-            self._notify({"event": "dead_letters", "count": count,
-                          "threshold": threshold, "above": above})
+            log(
+                "dead letters crossed the threshold",
+                extra={"dead_letters": count, "threshold": threshold, "above": above},
+            )
+            self._notify(
+                {
+                    "event": "dead_letters",
+                    "count": count,
+                    "threshold": threshold,
+                    "above": above,
+                }
+            )
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Return whether every stream streams within its lag budget, and why not."""
@@ -103,7 +132,11 @@ class OpsState:
         for status in self.streams.values():
             if status.state != STREAMING:
                 reasons.append(f"stream {status.name} is {status.state}")
-            elif status.lag_seconds is not None and status.lag_seconds > self.lag_budget:
-                reasons.append(f"stream {status.name} lags {status.lag_seconds:.1f}s, "
-                               f"over its budget of {self.lag_budget:g}s")
+            elif (
+                status.lag_seconds is not None and status.lag_seconds > self.lag_budget
+            ):
+                reasons.append(
+                    f"stream {status.name} lags {status.lag_seconds:.1f}s, "
+                    f"over its budget of {self.lag_budget:g}s"
+                )
         return not reasons, reasons

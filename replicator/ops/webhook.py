@@ -8,7 +8,6 @@ is dropped (and counted). The URL may carry a token, so it is never logged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -27,7 +26,9 @@ _ATTEMPTS = 3
 class Notifier:
     """Post each notice to ``url``; run ``serve()`` as a task of the daemon."""
 
-    def __init__(self, url: str | None, *, timeout: float = 5.0, instance: str = "") -> None:
+    def __init__(
+        self, url: str | None, *, timeout: float = 5.0, instance: str = ""
+    ) -> None:
         self.url = url
         self.timeout = timeout
         self.instance = instance or socket.gethostname()
@@ -65,13 +66,10 @@ class Notifier:
                 finally:
                     self._queue.task_done()
 
-    async def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for queued notices to be delivered."""
-        if self._queue is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._queue.join()
+    async def drain(self) -> None:
+        """Return once every queued notice was delivered or given up on."""
+        if self._queue is not None:
+            await self._queue.join()
 
     async def _post(self, http: aiohttp.ClientSession, notice: dict[str, Any]) -> None:
         assert self.url is not None
@@ -85,8 +83,14 @@ class Notifier:
                     error = f"status {response.status}"
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = type(exc).__name__
-            logger.warning("webhook notice not delivered", extra={
-                "event_kind": notice.get("event"), "attempt": attempt, "error": error})
+            logger.warning(
+                "webhook notice not delivered",
+                extra={
+                    "event_kind": notice.get("event"),
+                    "attempt": attempt,
+                    "error": error,
+                },
+            )
             if attempt < _ATTEMPTS:
                 await asyncio.sleep(backoff.next_delay())
         self.dropped += 1

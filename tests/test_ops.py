@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,16 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from replicator.cli import main
 from replicator.config import parse
 from replicator.daemon import Daemon
-from replicator.ops import Notifier, OpsState
+from replicator.ops import Metrics, Notifier, OpsState
 from replicator.ops.server import parse_listen
-from tests.fixtures.erp_daemon import wait_for, write_config
+from tests.fixtures.erp_daemon import REPO, wait_for, write_config
 from tests.fixtures.pg import ErpCase, replicate
 
 pytestmark = pytest.mark.timeout(120)
@@ -279,3 +281,20 @@ async def test_status_reports_each_stream_from_the_replica_without_the_daemon(
     assert "/" in stream["position"]
     assert "events_per_s" in table.splitlines()[1]
     assert "erp" in table
+
+
+def test_every_metric_the_example_alerts_use_is_exported() -> None:
+    rules = yaml.safe_load((REPO / "deploy" / "alerts.yml").read_text())
+    used = {
+        name
+        for rule in rules["groups"][0]["rules"]
+        for name in re.findall(r"\breplicator_\w+", rule["expr"])
+    }
+    exported = set()
+    for family in Metrics().registry.collect():
+        exported.add(family.name)
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+
+    assert used
+    assert used <= exported, used - exported

@@ -34,14 +34,13 @@ CREATE TABLE IF NOT EXISTS replicator.conflicts (
 	entity TEXT NOT NULL, 
 	entity_key TEXT NOT NULL, 
 	field TEXT NOT NULL, 
-	erp_value TEXT, 
-	sf_value TEXT, 
-	erp_source TEXT, 
-	sf_source TEXT, 
-	erp_time TIMESTAMP WITH TIME ZONE, 
-	sf_time TIMESTAMP WITH TIME ZONE, 
+	kept_value TEXT, 
+	kept_source TEXT, 
+	kept_time TIMESTAMP WITH TIME ZONE, 
+	discarded_value TEXT, 
+	discarded_source TEXT, 
+	discarded_time TIMESTAMP WITH TIME ZONE, 
 	rule TEXT NOT NULL, 
-	winner TEXT, 
 	recorded_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	PRIMARY KEY (id)
 );
@@ -67,6 +66,25 @@ CREATE TABLE IF NOT EXISTS replicator.mirror_tables (
 	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	PRIMARY KEY (stream, source_table)
 );
+CREATE TABLE IF NOT EXISTS replicator.outbox (
+	id BIGSERIAL NOT NULL, 
+	entity TEXT NOT NULL, 
+	target TEXT NOT NULL, 
+	target_key TEXT NOT NULL, 
+	operation TEXT NOT NULL, 
+	fields JSONB NOT NULL, 
+	cause JSONB, 
+	status TEXT DEFAULT 'pending' NOT NULL, 
+	attempts INTEGER DEFAULT 0 NOT NULL, 
+	last_error TEXT, 
+	answer JSONB, 
+	echoed JSONB DEFAULT '{}'::jsonb NOT NULL, 
+	created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	done_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX IF NOT EXISTS ix_outbox_pending ON replicator.outbox (status, target, id);
+CREATE INDEX IF NOT EXISTS ix_outbox_key ON replicator.outbox (entity, target, target_key);
 CREATE TABLE IF NOT EXISTS replicator.replica_identity (
 	id INTEGER DEFAULT 1 NOT NULL, 
 	checkpoints_oid BIGINT NOT NULL, 

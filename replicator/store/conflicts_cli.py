@@ -30,10 +30,11 @@ def run(args: argparse.Namespace) -> int:
 async def list_conflicts(settings: Settings, entity: str | None, limit: int) -> int:
     async with replica_connection(settings.replica.resolve()) as conn:
         rows = await conn.fetch(
-            "SELECT id, recorded_at, entity, entity_key, field, erp_value, erp_source, "
-            "erp_time, sf_value, sf_source, sf_time, rule, winner "
+            "SELECT id, recorded_at, entity, entity_key, field, kept_value, kept_source, "
+            "kept_time, discarded_value, discarded_source, discarded_time, rule "
             "FROM replicator.conflicts WHERE $1::text IS NULL OR entity = $1 "
             "ORDER BY id DESC LIMIT $2", entity, limit)
-    print_table(("id", "recorded", "entity", "key", "field", "erp value", "erp source",
-                 "erp time", "sf value", "sf source", "sf time", "rule", "winner"), rows)
+    print_table(("id", "recorded", "entity", "key", "field", "kept value", "kept from",
+                 "kept time", "discarded value", "discarded from", "discarded time", "rule"),
+                rows)
     return 0

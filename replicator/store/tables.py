@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
     Table,
@@ -85,15 +86,35 @@ conflicts = Table(
     Column("entity", Text, nullable=False),
     Column("entity_key", Text, nullable=False),
     Column("field", Text, nullable=False),
-    Column("erp_value", Text),
-    Column("sf_value", Text),
-    Column("erp_source", Text),
-    Column("sf_source", Text),
-    Column("erp_time", DateTime(timezone=True)),
-    Column("sf_time", DateTime(timezone=True)),
-    Column("rule", Text, nullable=False),
-    Column("winner", Text),
+    Column("kept_value", Text),
+    Column("kept_source", Text),
+    Column("kept_time", DateTime(timezone=True)),
+    Column("discarded_value", Text),
+    Column("discarded_source", Text),
+    Column("discarded_time", DateTime(timezone=True)),
+    Column("rule", Text, nullable=False),  # owner, lww, deleted
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# Write-backs decided by resolution, drained by the sink workers.
+outbox = Table(
+    "outbox", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("entity", Text, nullable=False),
+    Column("target", Text, nullable=False),  # erp, salesforce
+    Column("target_key", Text, nullable=False),  # ERP key text or Salesforce Id / external id
+    Column("operation", Text, nullable=False),  # upsert, delete
+    Column("fields", JSONB, nullable=False),  # target field names -> target-domain values
+    Column("cause", JSONB),  # the source change and rule that caused it
+    Column("status", Text, nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("answer", JSONB),
+    Column("echoed", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("done_at", DateTime(timezone=True)),
+    Index("ix_outbox_pending", "status", "target", "id"),
+    Index("ix_outbox_key", "entity", "target", "target_key"),
 )
 
 # Which database the checkpoints were written in. A replica restored from a

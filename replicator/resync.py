@@ -30,6 +30,7 @@ from replicator.sources.erp.snapshot import SESSION_SETTINGS, copy_tables
 from replicator.store import checkpoints
 from replicator.store.admin import replica_connection
 from replicator.store.mirror import MirrorStore, mirror_name, quote_ident
+from replicator.store.tables import create_schema
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ async def resync_object(settings: Settings, object_name: str) -> int:
     async with replica_connection(settings.replica.resolve()) as replica, \
             aiohttp.ClientSession() as http:
         await auth.login()
+        await create_schema(replica)
         rest = RestClient(auth, http, api_version=cfg.api_version, client_name=cfg.client_name)
         applier = SfApplier(MirrorStore(replica, cfg.stream_prefix, schema="sf"), rest,
                             stream_prefix=cfg.stream_prefix,

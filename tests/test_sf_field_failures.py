@@ -43,19 +43,46 @@ NOTES = "Preferred carrier: Northwind. " * 400  # 12,000 characters
 
 # B0 (field-failures.md, "Baseline state B0"), as the org holds it.
 B0 = {
-    "C-1001": {"Name": "Acme Tools", "Phone": "555-0100", "Industry": "Machinery",
-               "Rating": "Warm", "Credit_Limit__c": 2500.00,
-               "BillingStreet": "12 Harbor Rd", "BillingCity": "Portsmouth",
-               "BillingState": "NH", "BillingPostalCode": "03801", "BillingCountry": "US",
-               "Description": NOTES, "Attributes__c": '{"tier": "silver"}'},
-    "C-1002": {"Name": "Birch Supply", "Phone": "555-0200", "Industry": "Lumber",
-               "Rating": "Cold", "Credit_Limit__c": 750.00, "BillingStreet": "4 Mill St",
-               "BillingCity": "Keene", "BillingState": "NH", "BillingPostalCode": "03431",
-               "BillingCountry": "US", "Description": "short text"},
-    "C-1003": {"Name": "Cobalt Works", "Phone": "555-0300", "Industry": "Metals",
-               "Rating": "Warm", "Credit_Limit__c": 1200.00, "BillingStreet": "9 Forge Ln",
-               "BillingCity": "Nashua", "BillingState": "NH", "BillingPostalCode": "03060",
-               "BillingCountry": "US", "Description": "short text"},
+    "C-1001": {
+        "Name": "Acme Tools",
+        "Phone": "555-0100",
+        "Industry": "Machinery",
+        "Rating": "Warm",
+        "Credit_Limit__c": 2500.00,
+        "BillingStreet": "12 Harbor Rd",
+        "BillingCity": "Portsmouth",
+        "BillingState": "NH",
+        "BillingPostalCode": "03801",
+        "BillingCountry": "US",
+        "Description": NOTES,
+        "Attributes__c": '{"tier": "silver"}',
+    },
+    "C-1002": {
+        "Name": "Birch Supply",
+        "Phone": "555-0200",
+        "Industry": "Lumber",
+        "Rating": "Cold",
+        "Credit_Limit__c": 750.00,
+        "BillingStreet": "4 Mill St",
+        "BillingCity": "Keene",
+        "BillingState": "NH",
+        "BillingPostalCode": "03431",
+        "BillingCountry": "US",
+        "Description": "short text",
+    },
+    "C-1003": {
+        "Name": "Cobalt Works",
+        "Phone": "555-0300",
+        "Industry": "Metals",
+        "Rating": "Warm",
+        "Credit_Limit__c": 1200.00,
+        "BillingStreet": "9 Forge Ln",
+        "BillingCity": "Nashua",
+        "BillingState": "NH",
+        "BillingPostalCode": "03060",
+        "BillingCountry": "US",
+        "Description": "short text",
+    },
 }
 
 
@@ -63,22 +90,30 @@ B0 = {
 def _sf_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     config = EmulatorConfig()
     monkeypatch.setenv("REPLICATOR_TEST_SF_SECRET", config.client_secret)
-    monkeypatch.setenv("REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token)
+    monkeypatch.setenv(
+        "REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token
+    )
 
 
-def settings_for(case: ErpCase, served: Served, objects: list[str] | None = None,
-                 **extra: Any) -> Settings:
-    return parse({
-        "replica": {"dsn": case.replica_dsn},
-        "salesforce": {
-            "login_url": served.url, "client_id": served.config.client_id,
-            "client_secret_env": "REPLICATOR_TEST_SF_SECRET",
-            "username": served.config.username,
-            "password_env": "REPLICATOR_TEST_SF_PASSWORD",
-            "objects": objects or ["Account"], "long_poll_timeout_seconds": 2,
-            "skew_seconds": 5, **extra,
-        },
-    })
+def settings_for(
+    case: ErpCase, served: Served, objects: list[str] | None = None, **extra: Any
+) -> Settings:
+    return parse(
+        {
+            "replica": {"dsn": case.replica_dsn},
+            "salesforce": {
+                "login_url": served.url,
+                "client_id": served.config.client_id,
+                "client_secret_env": "REPLICATOR_TEST_SF_SECRET",
+                "username": served.config.username,
+                "password_env": "REPLICATOR_TEST_SF_PASSWORD",
+                "objects": objects or ["Account"],
+                "long_poll_timeout_seconds": 2,
+                "skew_seconds": 5,
+                **extra,
+            },
+        }
+    )
 
 
 @contextlib.asynccontextmanager
@@ -102,13 +137,15 @@ async def running(settings: Settings) -> AsyncIterator[SalesforcePipeline]:
 
 async def seed_b0(org: Org) -> dict[str, str]:
     """Create B0's three accounts; return customer code -> Account id."""
-    return {code: await org.create("Account", ERP_Customer_Code__c=code, **fields)
-            for code, fields in B0.items()}
+    return {
+        code: await org.create("Account", ERP_Customer_Code__c=code, **fields)
+        for code, fields in B0.items()
+    }
 
 
-async def until(condition: Any, timeout: float = 15) -> None:
+async def until(condition: Any, seconds: float = 15) -> None:
     """Await ``condition()`` (sync or async) until it is true."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(seconds):
         while True:
             result = condition()
             if asyncio.iscoroutine(result):
@@ -135,13 +172,18 @@ async def fetchrow(case: ErpCase, query: str, *args: Any) -> Any:
 
 
 async def stored_replay_id(case: ErpCase, channel: str = ACCOUNTS) -> int | None:
-    value = await fetchval(case, "SELECT position FROM replicator.checkpoints "
-                                 "WHERE stream = $1", f"sf:{channel}")
+    value = await fetchval(
+        case,
+        "SELECT position FROM replicator.checkpoints WHERE stream = $1",
+        f"sf:{channel}",
+    )
     return None if value is None else int(value)
 
 
 @contextlib.asynccontextmanager
-async def subscribes(served: Served, channel: str = ACCOUNTS) -> AsyncIterator[list[Any]]:
+async def subscribes(
+    served: Served, channel: str = ACCOUNTS
+) -> AsyncIterator[list[Any]]:
     """Record the ``ext.replay`` id of every subscribe to ``channel``, refused or not."""
     server = served.app[STREAMING_KEY].server
     original = server._subscribe
@@ -176,21 +218,28 @@ def f0_logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 async def test_bug18_stale_replay_id_reconciles_the_gap_and_resubscribes_with_all_events(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
     f0_logged: pytest.LogCaptureFixture,
 ) -> None:
     """A stored id past retention: one ERROR naming channel and id, -2 (never -1),
     the object reconciled from the last applied commit, the new event applied."""
     async with serve_emulator(f0_config) as served, org_client(served) as org:
         ids = await seed_b0(org)
-        c2101 = await org.create("Account", Name="Dale Lumber", ERP_Customer_Code__c="C-2101")
+        c2101 = await org.create(
+            "Account", Name="Dale Lumber", ERP_Customer_Code__c="C-2101"
+        )
         settings = settings_for(erp_case, served)
         async with running(settings):
             await eventually_mirrored(settings)
         # The stored checkpoint is 4711, last applied at 2024-06-01T09:00:00Z.
-        await fetchval(erp_case, "UPDATE replicator.checkpoints SET position = '4711', "
-                       "details = '{\"commit_ms\": 1717232400000}' WHERE stream = $1",
-                       f"sf:{ACCOUNTS}")
+        await fetchval(
+            erp_case,
+            "UPDATE replicator.checkpoints SET position = '4711', "
+            "details = '{\"commit_ms\": 1717232400000}' WHERE stream = $1",
+            f"sf:{ACCOUNTS}",
+        )
         await org.update("Account", ids["C-1001"], Phone="555-0777")
         await org.delete("Account", c2101)
         f0_logged.clear()
@@ -200,15 +249,23 @@ async def test_bug18_stale_replay_id_reconciles_the_gap_and_resubscribes_with_al
             await eventually_mirrored(settings)
         last = served.app[STREAMING_KEY].log.last_id
 
-    phone = await fetchval(erp_case, "SELECT phone FROM sf.account WHERE id = $1",
-                           ids["C-1001"])
-    deleted = await fetchval(erp_case, "SELECT is_deleted FROM sf.account WHERE id = $1",
-                             c2101)
-    rating = await fetchval(erp_case, "SELECT rating FROM sf.account WHERE id = $1",
-                            ids["C-1002"])
-    errors = [r for r in f0_logged.records if r.levelno >= logging.ERROR
-              and "4711" in str(r.__dict__) and ACCOUNTS in str(r.__dict__)
-              and "lost" in r.getMessage()]
+    phone = await fetchval(
+        erp_case, "SELECT phone FROM sf.account WHERE id = $1", ids["C-1001"]
+    )
+    deleted = await fetchval(
+        erp_case, "SELECT is_deleted FROM sf.account WHERE id = $1", c2101
+    )
+    rating = await fetchval(
+        erp_case, "SELECT rating FROM sf.account WHERE id = $1", ids["C-1002"]
+    )
+    errors = [
+        r
+        for r in f0_logged.records
+        if r.levelno >= logging.ERROR
+        and "4711" in str(r.__dict__)
+        and ACCOUNTS in str(r.__dict__)
+        and "lost" in r.getMessage()
+    ]
     assert (phone, deleted, rating) == ("555-0777", True, "Hot")
     assert len(errors) == 1
     assert "retention" in errors[0].getMessage()
@@ -222,7 +279,9 @@ async def test_bug18_stale_replay_id_reconciles_the_gap_and_resubscribes_with_al
 
 
 async def test_bug19_unknown_client_resubscribes_from_the_last_applied_id(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
     f0_logged: pytest.LogCaptureFixture,
 ) -> None:
     """After ``403::Unknown client`` the resubscribe carries the last applied
@@ -247,8 +306,12 @@ async def test_bug19_unknown_client_resubscribes_from_the_last_applied_id(
 
         # At-least-once: the org sends 104 and 105 again (a lagging checkpoint).
         await _count_account_writes(erp_case)
-        await fetchval(erp_case, "UPDATE replicator.checkpoints SET position = $2 "
-                       "WHERE stream = $1", f"sf:{ACCOUNTS}", str(replay["555-0103"]))
+        await fetchval(
+            erp_case,
+            "UPDATE replicator.checkpoints SET position = $2 WHERE stream = $1",
+            f"sf:{ACCOUNTS}",
+            str(replay["555-0103"]),
+        )
         async with running(settings) as again:
             await until(lambda: again.stats.events >= 3)
             await eventually_mirrored(settings)
@@ -279,13 +342,16 @@ async def _count_account_writes(case: ErpCase) -> None:
 
 
 async def test_bug19_variant_b_resubscribe_past_retention_takes_the_bug18_path(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_logged: pytest.LogCaptureFixture,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_logged: pytest.LogCaptureFixture,
 ) -> None:
     """The session is lost and comes back only after the last applied id left
     the retention window: the resubscribe is refused as invalid, and the source
     reconciles over REST and resubscribes with -2; it never sits idle."""
-    config = EmulatorConfig.ebikes(long_poll_timeout_seconds=2.0,
-                                   replay_retention_seconds=1.5)
+    config = EmulatorConfig.ebikes(
+        long_poll_timeout_seconds=2.0, replay_retention_seconds=1.5
+    )
     async with serve_emulator(config) as served, org_client(served) as org:
         acme = await org.create("Account", Name="Acme Tools", Phone="555-0100")
         settings = settings_for(erp_case, served)
@@ -305,8 +371,10 @@ async def test_bug19_variant_b_resubscribe_past_retention_takes_the_bug18_path(
     phone = await fetchval(erp_case, "SELECT phone FROM sf.account WHERE id = $1", acme)
     assert phone == "555-0106"
     assert sent[-2:] == [applied, -2]
-    assert any(r.levelno >= logging.ERROR and "retention" in r.getMessage()
-               for r in f0_logged.records)
+    assert any(
+        r.levelno >= logging.ERROR and "retention" in r.getMessage()
+        for r in f0_logged.records
+    )
 
 
 # -- BUG-20 -----------------------------------------------------------------------
@@ -314,7 +382,9 @@ async def test_bug19_variant_b_resubscribe_past_retention_takes_the_bug18_path(
 
 @pytest.mark.slow
 async def test_bug20_denied_handshakes_back_off_then_resume_from_the_stored_id(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_logged: pytest.LogCaptureFixture,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_logged: pytest.LogCaptureFixture,
 ) -> None:
     """Handshakes refused for the concurrent-user limit: gaps start at >= 1 s and
     never shrink; after recovery the stored id is resubscribed and 101 applied."""
@@ -327,22 +397,27 @@ async def test_bug20_denied_handshakes_back_off_then_resume_from_the_stored_id(
             await eventually_mirrored(settings)
             stored = await stored_replay_id(erp_case)
             streaming.faults.deny_handshakes(
-                "403::Organization concurrent user limit exceeded")
+                "403::Organization concurrent user limit exceeded"
+            )
             streaming.faults.forget_clients()
             times = await _handshake_times(streaming.server, seconds=8.0)
             streaming.faults.deny_handshakes(None)
             await org.update("Account", acme, Rating="Hot")  # "replay 101"
-            await until(lambda: pipeline.stats.applied >= 1, timeout=20)
+            await until(lambda: pipeline.stats.applied >= 1, seconds=20)
 
-    rating = await fetchval(erp_case, "SELECT rating FROM sf.account WHERE id = $1", acme)
+    rating = await fetchval(
+        erp_case, "SELECT rating FROM sf.account WHERE id = $1", acme
+    )
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert 2 <= len(times) <= 5, times
     assert gaps[0] >= 1.0
     assert all(later >= earlier * 0.95 for earlier, later in itertools.pairwise(gaps))
     assert sent[-1] == stored
     assert rating == "Hot"
-    assert any(r.levelno >= logging.ERROR and "concurrent user limit" in r.getMessage()
-               for r in f0_logged.records)
+    assert any(
+        r.levelno >= logging.ERROR and "concurrent user limit" in r.getMessage()
+        for r in f0_logged.records
+    )
 
 
 async def _handshake_times(server: Any, *, seconds: float) -> list[float]:
@@ -360,7 +435,9 @@ async def _handshake_times(server: Any, *, seconds: float) -> list[float]:
 
 
 async def test_bug22_event_interrupted_before_commit_is_delivered_again_and_applied(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
     f0_logged: pytest.LogCaptureFixture,
 ) -> None:
     """The replica rejects the write of 301, then the engine is killed: the
@@ -383,9 +460,13 @@ async def test_bug22_event_interrupted_before_commit_is_delivered_again_and_appl
         pipeline = SalesforcePipeline(settings)
         task = asyncio.create_task(pipeline.run(asyncio.Event()))
         await org.update("Account", acme, Phone="555-0301")
-        await until(lambda: any("replica refuses writes" in r.getMessage()
-                                or "replica refuses writes" in str(r.__dict__)
-                                for r in f0_logged.records))
+        await until(
+            lambda: any(
+                "replica refuses writes" in r.getMessage()
+                or "replica refuses writes" in str(r.__dict__)
+                for r in f0_logged.records
+            )
+        )
         task.cancel()  # the engine dies before any commit
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -407,7 +488,9 @@ async def test_bug22_event_interrupted_before_commit_is_delivered_again_and_appl
 
 
 async def test_bug23_gap_events_reread_the_records_and_null_nothing(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
     f0_logged: pytest.LogCaptureFixture,
 ) -> None:
     async with serve_emulator(f0_config) as served, org_client(served) as org:
@@ -423,20 +506,32 @@ async def test_bug23_gap_events_reread_the_records_and_null_nothing(
             await eventually_mirrored(settings)
         in_org = await org.call("GET", f"/sobjects/Account/{acme}")
         events = events_of(served, ACCOUNTS)
-    fetches = [r for r in served.faults.requests
-               if r.path.endswith(("/query", "/queryAll"))
-               and r.headers.get("Sforce-Call-Options") == "client=replicator"]
+    fetches = [
+        r
+        for r in served.faults.requests
+        if r.path.endswith(("/query", "/queryAll"))
+        and r.headers.get("Sforce-Call-Options") == "client=replicator"
+    ]
 
-    row = await fetchrow(erp_case, "SELECT phone, name, industry, rating, description, "
-                         "attributes__c, billing_city, system_modstamp FROM sf.account "
-                         "WHERE id = $1", acme)
-    deleted = await fetchval(erp_case, "SELECT is_deleted FROM sf.account WHERE id = $1",
-                             cobalt)
+    row = await fetchrow(
+        erp_case,
+        "SELECT phone, name, industry, rating, description, "
+        "attributes__c, billing_city, system_modstamp FROM sf.account "
+        "WHERE id = $1",
+        acme,
+    )
+    deleted = await fetchval(
+        erp_case, "SELECT is_deleted FROM sf.account WHERE id = $1", cobalt
+    )
     gap_types = {e["ChangeEventHeader"]["changeType"] for e in events[-2:]}
     assert gap_types == {"GAP_UPDATE", "GAP_DELETE"}
     assert row["phone"] == "555-0402"
     assert (row["name"], row["industry"], row["rating"], row["billing_city"]) == (
-        "Acme Tools", "Machinery", "Warm", "Portsmouth")
+        "Acme Tools",
+        "Machinery",
+        "Warm",
+        "Portsmouth",
+    )
     assert len(row["description"]) == 12_000
     assert row["attributes__c"] == '{"tier": "silver"}'
     assert row["system_modstamp"] == _sf_time(in_org["SystemModstamp"])
@@ -444,8 +539,12 @@ async def test_bug23_gap_events_reread_the_records_and_null_nothing(
     fetched = " ".join(r.query.get("q", "") for r in fetches)
     assert acme in fetched and cobalt in fetched
     for gap_type, record in (("GAP_UPDATE", acme), ("GAP_DELETE", cobalt)):
-        assert any(r.levelno == logging.INFO and gap_type in str(r.__dict__)
-                   and record in str(r.__dict__) for r in f0_logged.records), gap_type
+        assert any(
+            r.levelno == logging.INFO
+            and gap_type in str(r.__dict__)
+            and record in str(r.__dict__)
+            for r in f0_logged.records
+        ), gap_type
 
 
 def events_of(served: Served, *channels: str) -> list[dict[str, Any]]:
@@ -463,7 +562,9 @@ def _sf_time(text: str) -> dt.datetime:
 
 
 async def test_bug26_explicit_null_clears_absent_fields_stay(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
 ) -> None:
     async with serve_emulator(f0_config) as served, org_client(served) as org:
         ids = await seed_b0(org)
@@ -472,25 +573,47 @@ async def test_bug26_explicit_null_clears_absent_fields_stay(
         async with running(settings):
             await eventually_mirrored(settings)
             await org.update("Account", acme, Phone=None)  # replay 651
-            bakery = await org.create("Account", Name="Elm Street Bakery",
-                                      ERP_Customer_Code__c="C-5001", Industry="Food")
+            bakery = await org.create(
+                "Account",
+                Name="Elm Street Bakery",
+                ERP_Customer_Code__c="C-5001",
+                Industry="Food",
+            )
             await eventually_mirrored(settings)
         events = events_of(served, ACCOUNTS)
     update, create = events[-2], events[-1]
-    writes = [r for r in served.faults.requests if r.method in ("POST", "PATCH", "DELETE")
-              and "/sobjects" in r.path
-              and "client=replicator" in r.headers.get("Sforce-Call-Options", "")]
+    writes = [
+        r
+        for r in served.faults.requests
+        if r.method in ("POST", "PATCH", "DELETE")
+        and "/sobjects" in r.path
+        and "client=replicator" in r.headers.get("Sforce-Call-Options", "")
+    ]
 
-    row = await fetchrow(erp_case, "SELECT phone, industry, name FROM sf.account "
-                         "WHERE id = $1", acme)
-    new = await fetchrow(erp_case, "SELECT name, industry, phone, billing_street, "
-                         "billing_city, billing_state, billing_postal_code, billing_country, "
-                         "erp_customer_code__c FROM sf.account WHERE id = $1", bakery)
+    row = await fetchrow(
+        erp_case, "SELECT phone, industry, name FROM sf.account WHERE id = $1", acme
+    )
+    new = await fetchrow(
+        erp_case,
+        "SELECT name, industry, phone, billing_street, "
+        "billing_city, billing_state, billing_postal_code, billing_country, "
+        "erp_customer_code__c FROM sf.account WHERE id = $1",
+        bakery,
+    )
     assert update["Phone"] is None and "Industry" not in update and "Name" not in update
     assert "Phone" not in create and "BillingAddress" not in create
     assert tuple(row) == (None, "Machinery", "Acme Tools")
-    assert tuple(new) == ("Elm Street Bakery", "Food", None, None, None, None,
-                          None, None, "C-5001")
+    assert tuple(new) == (
+        "Elm Street Bakery",
+        "Food",
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        "C-5001",
+    )
     assert writes == []
 
 
@@ -498,22 +621,45 @@ async def test_bug26_explicit_null_clears_absent_fields_stay(
 
 
 async def test_bug27_one_event_for_many_records_changes_every_record(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
 ) -> None:
     async with serve_emulator(f0_config) as served, org_client(served) as org:
-        batch = [await org.create("Account", Name=f"Mass {code}", Industry="Machinery",
-                                  ERP_Customer_Code__c=code)
-                 for code in ("C-3001", "C-3002", "C-3003")]
-        doomed = [await org.create("Account", Name=f"Gone {code}", ERP_Customer_Code__c=code)
-                  for code in ("C-3101", "C-3102")]
+        batch = [
+            await org.create(
+                "Account",
+                Name=f"Mass {code}",
+                Industry="Machinery",
+                ERP_Customer_Code__c=code,
+            )
+            for code in ("C-3001", "C-3002", "C-3003")
+        ]
+        doomed = [
+            await org.create("Account", Name=f"Gone {code}", ERP_Customer_Code__c=code)
+            for code in ("C-3101", "C-3102")
+        ]
         settings = settings_for(erp_case, served)
         async with running(settings):
             await eventually_mirrored(settings)
-            await org.call("PATCH", "/composite/sobjects", {"allOrNone": True, "records": [
-                {"attributes": {"type": "Account"}, "id": i, "Industry": "Apparel"}
-                for i in batch]})
-            await org.call("DELETE", f"/composite/sobjects?ids={','.join(doomed)}"
-                           "&allOrNone=true")
+            await org.call(
+                "PATCH",
+                "/composite/sobjects",
+                {
+                    "allOrNone": True,
+                    "records": [
+                        {
+                            "attributes": {"type": "Account"},
+                            "id": i,
+                            "Industry": "Apparel",
+                        }
+                        for i in batch
+                    ],
+                },
+            )
+            await org.call(
+                "DELETE", f"/composite/sobjects?ids={','.join(doomed)}&allOrNone=true"
+            )
             await eventually_mirrored(settings)
         events = events_of(served, ACCOUNTS)
 
@@ -521,7 +667,9 @@ async def test_bug27_one_event_for_many_records_changes_every_record(
     deleted = await _values(erp_case, "is_deleted", doomed)
     headers = [e["ChangeEventHeader"] for e in events[-2:]]
     assert [(h["changeType"], sorted(h["recordIds"])) for h in headers] == [
-        ("UPDATE", sorted(batch)), ("DELETE", sorted(doomed))]
+        ("UPDATE", sorted(batch)),
+        ("DELETE", sorted(doomed)),
+    ]
     assert industries == ["Apparel"] * 3
     assert deleted == [True, True]
 
@@ -529,8 +677,9 @@ async def test_bug27_one_event_for_many_records_changes_every_record(
 async def _values(case: ErpCase, column: str, ids: list[str]) -> list[Any]:
     conn = await asyncpg.connect(case.replica_dsn)
     try:
-        rows = await conn.fetch(f"SELECT id, {column} FROM sf.account "
-                                "WHERE id = ANY($1::text[])", ids)
+        rows = await conn.fetch(
+            f"SELECT id, {column} FROM sf.account WHERE id = ANY($1::text[])", ids
+        )
     finally:
         await conn.close()
     by_id = {r[0]: r[1] for r in rows}
@@ -558,46 +707,86 @@ def reordered(served: Served, order: list[str]) -> Iterator[None]:
 
 
 async def test_bug28_lead_conversion_out_of_order_applies_in_sequence_in_one_transaction(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
 ) -> None:
     """The Contact (seq 3) arrives before its Account (seq 2) on another channel:
     both land in one replica transaction, the Account first."""
     async with serve_emulator(f0_config) as served, org_client(served) as org:
-        lead = await org.create("Lead", LastName="Lindqvist", FirstName="Maja",
-                                Company="Fjord Outfitters")
+        lead = await org.create(
+            "Lead", LastName="Lindqvist", FirstName="Maja", Company="Fjord Outfitters"
+        )
         settings = settings_for(erp_case, served, ["Account", "Contact"])
         async with running(settings):
             await eventually_mirrored(settings)
             await _log_writes(erp_case)
-            with reordered(served, ["Lead", "Contact", "Account", "Opportunity"]), \
-                    as_user(served) as tx:
+            with (
+                reordered(served, ["Lead", "Contact", "Account", "Opportunity"]),
+                as_user(served) as tx,
+            ):
                 tx.update("Lead", lead, {"Status": "Closed - Converted"})
-                account = tx.create("Account", {"Name": "Fjord Outfitters",
-                                                "ERP_Customer_Code__c": "C-6001"})
-                contact = tx.create("Contact", {"FirstName": "Maja", "LastName": "Lindqvist",
-                                                "AccountId": account})
-                tx.create("Opportunity", {"Name": "Fjord", "AccountId": account,
-                                          "StageName": "Prospecting",
-                                          "CloseDate": "2024-06-30"})
+                account = tx.create(
+                    "Account",
+                    {"Name": "Fjord Outfitters", "ERP_Customer_Code__c": "C-6001"},
+                )
+                contact = tx.create(
+                    "Contact",
+                    {
+                        "FirstName": "Maja",
+                        "LastName": "Lindqvist",
+                        "AccountId": account,
+                    },
+                )
+                tx.create(
+                    "Opportunity",
+                    {
+                        "Name": "Fjord",
+                        "AccountId": account,
+                        "StageName": "Prospecting",
+                        "CloseDate": "2024-06-30",
+                    },
+                )
             await eventually_mirrored(settings)
-        delivered = [e["ChangeEventHeader"] for e in events_of(
-            served, "/data/LeadChangeEvent", "/data/ContactChangeEvent", ACCOUNTS,
-            "/data/OpportunityChangeEvent")]
+        delivered = [
+            e["ChangeEventHeader"]
+            for e in events_of(
+                served,
+                "/data/LeadChangeEvent",
+                "/data/ContactChangeEvent",
+                ACCOUNTS,
+                "/data/OpportunityChangeEvent",
+            )
+        ]
 
     conn = await asyncpg.connect(erp_case.replica_dsn)
-    acc = await conn.fetchrow("SELECT xmin::text::bigint AS tx, name, erp_customer_code__c "
-                              "FROM sf.account WHERE id = $1", account)
-    con = await conn.fetchrow("SELECT xmin::text::bigint AS tx, account_id, first_name, "
-                              "last_name FROM sf.contact WHERE id = $1", contact)
-    order = [r[0] for r in await conn.fetch(
-        "SELECT tbl FROM mirror_writes WHERE id = ANY($1::text[]) AND op = 'INSERT' "
-        "ORDER BY n", [account, contact])]
+    acc = await conn.fetchrow(
+        "SELECT xmin::text::bigint AS tx, name, erp_customer_code__c "
+        "FROM sf.account WHERE id = $1",
+        account,
+    )
+    con = await conn.fetchrow(
+        "SELECT xmin::text::bigint AS tx, account_id, first_name, "
+        "last_name FROM sf.contact WHERE id = $1",
+        contact,
+    )
+    order = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT tbl FROM mirror_writes WHERE id = ANY($1::text[]) AND op = 'INSERT' "
+            "ORDER BY n",
+            [account, contact],
+        )
+    ]
     await conn.close()
     tail = [(h["entityName"], h["sequenceNumber"]) for h in delivered[-4:]]
     assert tail == [("Lead", 1), ("Contact", 3), ("Account", 2), ("Opportunity", 4)]
     assert (acc["name"], acc["erp_customer_code__c"]) == ("Fjord Outfitters", "C-6001")
     assert (con["account_id"], con["first_name"], con["last_name"]) == (
-        account, "Maja", "Lindqvist")
+        account,
+        "Maja",
+        "Lindqvist",
+    )
     assert acc["tx"] == con["tx"]
     assert order[:2] == ["account", "contact"]
 
@@ -622,11 +811,15 @@ async def _log_writes(case: ErpCase) -> None:
 # -- BUG-30 / BUG-31 / BUG-33: the source's reads -----------------------------------
 
 
-@pytest.mark.parametrize("error", ["REQUEST_LIMIT_EXCEEDED", "SERVICE_UNAVAILABLE",
-                                   "UNABLE_TO_LOCK_ROW"])
+@pytest.mark.parametrize(
+    "error", ["REQUEST_LIMIT_EXCEEDED", "SERVICE_UNAVAILABLE", "UNABLE_TO_LOCK_ROW"]
+)
 async def test_bug31_refusals_during_a_gap_reread_back_off_and_never_reauthenticate(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
-    f0_logged: pytest.LogCaptureFixture, error: str,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
+    f0_logged: pytest.LogCaptureFixture,
+    error: str,
 ) -> None:
     """A GAP_UPDATE's re-read meets REQUEST_LIMIT_EXCEEDED (403), 503 or a row
     lock: retried with growing gaps, zero token requests, a WARNING naming the
@@ -641,25 +834,32 @@ async def test_bug31_refusals_during_a_gap_reread_back_off_and_never_reauthentic
             served.faults.requests.clear()
             served.faults.fail_next(3, error, path_contains="/query")
             await org.update("Account", acme, Phone="555-2002")
-            await until(lambda: pipeline.stats.refetched >= 1, timeout=20)
+            await until(lambda: pipeline.stats.refetched >= 1, seconds=20)
             log = list(served.faults.requests)  # before verify_sf logs in
             await org.update("Account", birch, Rating="Hot")  # "replay 151"
             await eventually_mirrored(settings)
 
     token_requests = [r for r in log if r.path.endswith("/oauth2/token")]
-    rereads = [r.time for r in log if r.path.endswith(("/query", "/queryAll"))
-               and acme in r.query.get("q", "")]
+    rereads = [
+        r.time
+        for r in log
+        if r.path.endswith(("/query", "/queryAll")) and acme in r.query.get("q", "")
+    ]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(rereads)]
     phone = await fetchval(erp_case, "SELECT phone FROM sf.account WHERE id = $1", acme)
-    rating = await fetchval(erp_case, "SELECT rating FROM sf.account WHERE id = $1", birch)
+    rating = await fetchval(
+        erp_case, "SELECT rating FROM sf.account WHERE id = $1", birch
+    )
     assert token_requests == []
     assert len(rereads) == 4  # three refusals, then the answer
     assert gaps[0] >= 0.1
     assert gaps[-1] > gaps[0]
     assert (phone, rating) == ("555-2002", "Hot")
     code = "SERVER_UNAVAILABLE" if error == "SERVICE_UNAVAILABLE" else error
-    assert any(r.levelno == logging.WARNING and code in str(r.__dict__)
-               for r in f0_logged.records)
+    assert any(
+        r.levelno == logging.WARNING and code in str(r.__dict__)
+        for r in f0_logged.records
+    )
 
 
 # -- BUG-34: the source's side ------------------------------------------------------
@@ -691,87 +891,125 @@ def delivery_config(tmp_path: Path, account_metadata_dir: Path) -> EmulatorConfi
     (folder / "fields").mkdir(parents=True)
     (folder / "Delivery__c.object-meta.xml").write_text(_DELIVERY_OBJECT)
     for name, body in DELIVERY_FIELDS.items():
-        (folder / "fields" / f"{name}.field-meta.xml").write_text(_FIELD.format(body=body))
+        (folder / "fields" / f"{name}.field-meta.xml").write_text(
+            _FIELD.format(body=body)
+        )
     return EmulatorConfig.ebikes(
-        metadata_dirs=(*EmulatorConfig.ebikes().metadata_dirs, account_metadata_dir,
-                       tmp_path / "delivery" / "objects"),
-        long_poll_timeout_seconds=2.0)
+        metadata_dirs=(
+            *EmulatorConfig.ebikes().metadata_dirs,
+            account_metadata_dir,
+            tmp_path / "delivery" / "objects",
+        ),
+        long_poll_timeout_seconds=2.0,
+    )
 
 
 @pytest.mark.parametrize("zone", ["Asia/Kolkata", "America/Los_Angeles"])
 async def test_bug34_dates_and_datetimes_are_exact_whatever_the_host_zone(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, delivery_config: EmulatorConfig,
-    monkeypatch: pytest.MonkeyPatch, zone: str,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    delivery_config: EmulatorConfig,
+    monkeypatch: pytest.MonkeyPatch,
+    zone: str,
 ) -> None:
     """The engine host and the replica's default zone are far from UTC: a Date
     stays the calendar date and a DateTime the same instant, loaded or streamed."""
     monkeypatch.setenv("TZ", zone)
     time.tzset()
     admin = await asyncpg.connect(erp_case.replica_dsn)
-    await admin.execute(f"ALTER DATABASE {admin._params.database} SET timezone = '{zone}'")
+    await admin.execute(
+        f"ALTER DATABASE {admin._params.database} SET timezone = '{zone}'"
+    )
     await admin.close()
     try:
         async with serve_emulator(delivery_config) as served, org_client(served) as org:
-            loaded = await org.create("Delivery__c", Name="D-1", ERP_Delivery_Id__c="1",
-                                      Promised_Date__c="2024-03-31",
-                                      Shipped_At__c="2024-03-10T07:30:00.000Z")
+            loaded = await org.create(
+                "Delivery__c",
+                Name="D-1",
+                ERP_Delivery_Id__c="1",
+                Promised_Date__c="2024-03-31",
+                Shipped_At__c="2024-03-10T07:30:00.000Z",
+            )
             settings = settings_for(erp_case, served, ["Delivery__c"])
             async with running(settings):
                 await eventually_mirrored(settings)
                 before = await _delivery(erp_case, loaded)
-                await org.update("Delivery__c", loaded, Promised_Date__c="2024-04-01",
-                                 Shipped_At__c="2024-03-10T08:00:00.000Z")
+                await org.update(
+                    "Delivery__c",
+                    loaded,
+                    Promised_Date__c="2024-04-01",
+                    Shipped_At__c="2024-03-10T08:00:00.000Z",
+                )
                 await eventually_mirrored(settings)
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
     after = await _delivery(erp_case, loaded)
 
-    assert before == (dt.date(2024, 3, 31), dt.datetime(2024, 3, 10, 7, 30, tzinfo=dt.UTC))
+    assert before == (
+        dt.date(2024, 3, 31),
+        dt.datetime(2024, 3, 10, 7, 30, tzinfo=dt.UTC),
+    )
     assert after == (dt.date(2024, 4, 1), dt.datetime(2024, 3, 10, 8, 0, tzinfo=dt.UTC))
 
 
 async def _delivery(case: ErpCase, record: str) -> tuple[Any, Any]:
-    row = await fetchrow(case, "SELECT promised_date__c, shipped_at__c FROM sf.delivery__c "
-                         "WHERE id = $1", record)
+    row = await fetchrow(
+        case,
+        "SELECT promised_date__c, shipped_at__c FROM sf.delivery__c WHERE id = $1",
+        record,
+    )
     return row[0], row[1]
 
 
 # -- issue items: formulas, new fields, dead letters ---------------------------------
 
 
-FORMULA = ("<fullName>Score__c</fullName><label>Score</label><type>Number</type>"
-           "<formula>AnnualRevenue / 1000</formula><formulaReturnType>Number"
-           "</formulaReturnType><precision>18</precision><scale>2</scale>")
+FORMULA = (
+    "<fullName>Score__c</fullName><label>Score</label><type>Number</type>"
+    "<formula>AnnualRevenue / 1000</formula><formulaReturnType>Number"
+    "</formulaReturnType><precision>18</precision><scale>2</scale>"
+)
 
 
 async def test_formula_field_is_reread_when_an_event_touches_the_record(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
     account_metadata_dir: Path,
 ) -> None:
     """Formula values never come in change events. The emulator does not
     evaluate formulas: a system write in the same transaction plays the
     formula engine, and the mirror must follow the org over REST."""
-    (account_metadata_dir / "Account" / "fields" / "Score__c.field-meta.xml").write_text(
-        _FIELD.format(body=FORMULA))
+    (
+        account_metadata_dir / "Account" / "fields" / "Score__c.field-meta.xml"
+    ).write_text(_FIELD.format(body=FORMULA))
     async with serve_emulator(f0_config) as served, org_client(served) as org:
         acme = await org.create("Account", Name="Acme Tools")
         settings = settings_for(erp_case, served)
         async with running(settings):
             await eventually_mirrored(settings)
             with as_user(served) as tx:
-                tx.update("Account", acme, {"AnnualRevenue": 250000, "Score__c": 250},
-                          system=True)
+                tx.update(
+                    "Account",
+                    acme,
+                    {"AnnualRevenue": 250000, "Score__c": 250},
+                    system=True,
+                )
             await eventually_mirrored(settings)
         event = events_of(served, ACCOUNTS)
 
-    score = await fetchval(erp_case, "SELECT score__c FROM sf.account WHERE id = $1", acme)
+    score = await fetchval(
+        erp_case, "SELECT score__c FROM sf.account WHERE id = $1", acme
+    )
     assert "Score__c" not in event[-1]
     assert score == 250
 
 
 async def test_field_added_to_the_org_after_start_evolves_the_mirror(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
 ) -> None:
     """An event names a field the mirror lacks: describe again, add the column,
     apply the change; nothing is dead-lettered."""
@@ -782,35 +1020,55 @@ async def test_field_added_to_the_org_after_start_evolves_the_mirror(
             await eventually_mirrored(settings)
             account = served.app[SCHEMA_KEY].objects["Account"]
             account.fields["Region__c"] = FieldSchema(
-                "Region__c", "string", label="Region", length=40)
+                "Region__c", "string", label="Region", length=40
+            )
             await org.update("Account", acme, Region__c="North East", Phone="555-0999")
             await until(lambda: pipeline.stats.applied >= 1)
             await eventually_mirrored(settings)
 
-    row = await fetchrow(erp_case, "SELECT region__c, phone FROM sf.account WHERE id = $1",
-                         acme)
+    row = await fetchrow(
+        erp_case, "SELECT region__c, phone FROM sf.account WHERE id = $1", acme
+    )
     letters = await fetchval(erp_case, "SELECT count(*) FROM replicator.dead_letters")
     assert tuple(row) == ("North East", "555-0999")
     assert letters == 0
 
 
 async def test_malformed_and_unmirrored_events_are_dead_lettered_and_the_stream_goes_on(
-    erp_case: ErpCase, serve_emulator: ServeEmulator, f0_config: EmulatorConfig,
+    erp_case: ErpCase,
+    serve_emulator: ServeEmulator,
+    f0_config: EmulatorConfig,
 ) -> None:
     async with serve_emulator(f0_config) as served, org_client(served) as org:
         acme = await org.create("Account", Name="Acme Tools")
         settings = settings_for(erp_case, served)
         publisher = served.app[STREAMING_KEY].publisher
-        header = {"entityName": "Account", "recordIds": [acme], "changeType": "UPDATE",
-                  "changeOrigin": "", "transactionKey": "0004a7f2-1b3c-9d8e-7f60-5a4b3c2d1e0f",
-                  "sequenceNumber": 1, "commitNumber": 1, "commitUser": "005000000000001AAA",
-                  "changedFields": ["Phone"]}
-        malformed = {"ChangeEventHeader": {k: v for k, v in header.items()
-                                           if k != "commitTimestamp"}, "Phone": "555-1"}
-        lead = {"ChangeEventHeader": {**header, "entityName": "Lead",
-                                      "recordIds": ["00Q000000000001AAA"],
-                                      "commitTimestamp": int(time.time() * 1000)},
-                "Company": "Elsewhere"}
+        header = {
+            "entityName": "Account",
+            "recordIds": [acme],
+            "changeType": "UPDATE",
+            "changeOrigin": "",
+            "transactionKey": "0004a7f2-1b3c-9d8e-7f60-5a4b3c2d1e0f",
+            "sequenceNumber": 1,
+            "commitNumber": 1,
+            "commitUser": "005000000000001AAA",
+            "changedFields": ["Phone"],
+        }
+        malformed = {
+            "ChangeEventHeader": {
+                k: v for k, v in header.items() if k != "commitTimestamp"
+            },
+            "Phone": "555-1",
+        }
+        lead = {
+            "ChangeEventHeader": {
+                **header,
+                "entityName": "Lead",
+                "recordIds": ["00Q000000000001AAA"],
+                "commitTimestamp": int(time.time() * 1000),
+            },
+            "Company": "Elsewhere",
+        }
         async with running(settings):
             await eventually_mirrored(settings)
             publisher.publish([cdc.ChangeEvent("Account", "Sch3maIdA1", malformed)])
@@ -819,8 +1077,10 @@ async def test_malformed_and_unmirrored_events_are_dead_lettered_and_the_stream_
             await eventually_mirrored(settings)
 
     conn = await asyncpg.connect(erp_case.replica_dsn)
-    letters = await conn.fetch("SELECT stream, entity, source_key, reason, payload "
-                               "FROM replicator.dead_letters ORDER BY id")
+    letters = await conn.fetch(
+        "SELECT stream, entity, source_key, reason, payload "
+        "FROM replicator.dead_letters ORDER BY id"
+    )
     phone = await conn.fetchval("SELECT phone FROM sf.account WHERE id = $1", acme)
     await conn.close()
     assert phone == "555-0123"

@@ -392,13 +392,20 @@ class SfApplier:
 
 
 def _transaction_order(changes: list[RecordChange]) -> list[RecordChange]:
-    """Keep arrival order between transactions; sequenceNumber order within one."""
+    """Order transactions by commit time, then arrival; sequenceNumber within one.
+
+    Channels are delivered independently, so one channel's events may arrive
+    far ahead of another's: arrival order alone could put a later transaction
+    on a record before an earlier one, whose change the modstamp guard would
+    then drop as stale. Commit time keeps each record's changes in order.
+    """
     first_seen: dict[str, int] = {}
     keyed = []
     for i, change in enumerate(changes):
         key = change.transaction_key or f"#{i}"
-        keyed.append((first_seen.setdefault(key, i), change.sequence, change.replay_id, i))
-    return [changes[k[3]] for k in sorted(keyed)]
+        first = first_seen.setdefault(key, i)
+        keyed.append((change.commit_time, first, change.sequence, change.replay_id, i))
+    return [changes[k[4]] for k in sorted(keyed)]
 
 
 def _parse_sf_time(value: Any) -> dt.datetime | None:

@@ -36,9 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="TABLE|OBJECT",
-                        help="an ERP table (orders, sales.orders) or a Salesforce object (Account)")
-    parser.add_argument("--config", "-c", required=True, help="path of the TOML config file")
+    parser.add_argument(
+        "target",
+        metavar="TABLE|OBJECT",
+        help="an ERP table (orders, sales.orders) or a Salesforce object (Account)",
+    )
+    parser.add_argument(
+        "--config", "-c", required=True, help="path of the TOML config file"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,21 +60,28 @@ async def resync(settings: Settings, target: str) -> int:
         print(f"resync: Salesforce object {name}: {records} records loaded")
         return 0
     if settings.erp is None:
-        raise ConfigError(f"{target!r} is not a configured Salesforce object and the config "
-                          "has no [erp] section; pass one of salesforce.objects")
+        raise ConfigError(
+            f"{target!r} is not a configured Salesforce object and the config "
+            "has no [erp] section; pass one of salesforce.objects"
+        )
     table, rows = await resync_table(settings, target)
-    print(f"resync: ERP table {table}: {rows} rows loaded; the daemon replays changes "
-          "since the checkpoint over it on its next start")
+    print(
+        f"resync: ERP table {table}: {rows} rows loaded; the daemon replays changes "
+        "since the checkpoint over it on its next start"
+    )
     return 0
 
 
 async def _erp_connect(settings: Settings) -> asyncpg.Connection:
     assert settings.erp is not None
     try:
-        return await asyncpg.connect(settings.erp.database.resolve(),
-                                     server_settings=SESSION_SETTINGS)
+        return await asyncpg.connect(
+            settings.erp.database.resolve(), server_settings=SESSION_SETTINGS
+        )
     except (OSError, asyncpg.PostgresError) as exc:
-        raise ReplicatorError(f"cannot connect to the ERP: {exc}; check erp.database") from exc
+        raise ReplicatorError(
+            f"cannot connect to the ERP: {exc}; check erp.database"
+        ) from exc
 
 
 async def _table_info(erp: asyncpg.Connection, target: str) -> TableInfo:
@@ -77,11 +89,15 @@ async def _table_info(erp: asyncpg.Connection, target: str) -> TableInfo:
     oid = await erp.fetchval(
         "SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-        schema or "public", name)
+        schema or "public",
+        name,
+    )
     info = await Catalog(erp).table(oid) if oid is not None else None
     if info is None:
-        raise ConfigError(f"the ERP has no table {target!r}; name it as schema.table "
-                          "(public. may be left out)")
+        raise ConfigError(
+            f"the ERP has no table {target!r}; name it as schema.table "
+            "(public. may be left out)"
+        )
     if info.oid != info.root_oid:
         info = await Catalog(erp).table(info.root_oid)  # a partition reloads its root
         assert info is not None
@@ -96,17 +112,22 @@ async def resync_table(settings: Settings, target: str) -> tuple[str, int]:
     exporter = await _erp_connect(settings)
     try:
         slot = await erp.fetchrow(
-            "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = $1", cfg.slot)
+            "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            cfg.slot,
+        )
         if slot is not None and slot["active"]:
             raise ErpSetupError(
                 f"replication slot {cfg.slot!r} is streaming (pid {slot['active_pid']}): "
-                "stop the daemon, run the resync, then start the daemon again")
+                "stop the daemon, run the resync, then start the daemon again"
+            )
         info = await _table_info(erp, target)
         # The exporting transaction stays open until the copy is done.
         async with exporter.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await exporter.fetchval("SELECT pg_export_snapshot()")
             async with replica_connection(settings.replica.resolve()) as replica:
-                rows = await _copy_into_replica(replica, erp, snapshot, info, cfg.stream)
+                rows = await _copy_into_replica(
+                    replica, erp, snapshot, info, cfg.stream
+                )
     finally:
         await erp.close()
         await exporter.close()
@@ -114,7 +135,10 @@ async def resync_table(settings: Settings, target: str) -> tuple[str, int]:
 
 
 async def _copy_into_replica(
-    replica: asyncpg.Connection, erp: asyncpg.Connection, snapshot: str, info: TableInfo,
+    replica: asyncpg.Connection,
+    erp: asyncpg.Connection,
+    snapshot: str,
+    info: TableInfo,
     stream: str,
 ) -> int:
     name = mirror_name(info.root_schema, info.root_name)
@@ -122,17 +146,27 @@ async def _copy_into_replica(
     async with replica.transaction():
         cp = await checkpoints.load(replica, stream)
         await copy_tables(erp, snapshot, [info], store)
-        rows = int(await replica.fetchval(
-            f"SELECT count(*) FROM {quote_ident(store.schema)}.{quote_ident(name)}"))
+        rows = int(
+            await replica.fetchval(
+                f"SELECT count(*) FROM {quote_ident(store.schema)}.{quote_ident(name)}"
+            )
+        )
         await replica.execute(
             "INSERT INTO replicator.checkpoint_history (stream, position, lsn, "
             "system_identifier, timeline, slot_name, reason, changes) "
             "VALUES ($1, $2, $3, $4, $5, $6, 'resync', $7)",
-            stream, cp.position if cp else f"resync {name}", cp.lsn if cp else None,
-            cp.system_identifier if cp else None, cp.timeline if cp else None,
-            cp.slot_name if cp else None, rows)
-    logger.warning("erp table resynced", extra={
-        "table": name, "rows": rows, "position": cp.position if cp else None})
+            stream,
+            cp.position if cp else f"resync {name}",
+            cp.lsn if cp else None,
+            cp.system_identifier if cp else None,
+            cp.timeline if cp else None,
+            cp.slot_name if cp else None,
+            rows,
+        )
+    logger.warning(
+        "erp table resynced",
+        extra={"table": name, "rows": rows, "position": cp.position if cp else None},
+    )
     return rows
 
 
@@ -147,14 +181,21 @@ async def resync_object(settings: Settings, object_name: str) -> int:
     cfg = settings.salesforce
     assert cfg is not None
     auth = build_authenticator(cfg)
-    async with replica_connection(settings.replica.resolve()) as replica, \
-            aiohttp.ClientSession() as http:
+    async with (
+        replica_connection(settings.replica.resolve()) as replica,
+        aiohttp.ClientSession() as http,
+    ):
         await auth.login()
         await create_schema(replica)
-        rest = RestClient(auth, http, api_version=cfg.api_version, client_name=cfg.client_name)
-        applier = SfApplier(MirrorStore(replica, cfg.stream_prefix, schema="sf"), rest,
-                            stream_prefix=cfg.stream_prefix,
-                            skew=dt.timedelta(seconds=cfg.skew_seconds))
+        rest = RestClient(
+            auth, http, api_version=cfg.api_version, client_name=cfg.client_name
+        )
+        applier = SfApplier(
+            MirrorStore(replica, cfg.stream_prefix, schema="sf"),
+            rest,
+            stream_prefix=cfg.stream_prefix,
+            skew=dt.timedelta(seconds=cfg.skew_seconds),
+        )
         state = await applier.prepare(object_name)
         stream = applier.stream_name(state.channel)
         before = await checkpoints.load(replica, stream)
@@ -163,8 +204,15 @@ async def resync_object(settings: Settings, object_name: str) -> int:
         await applier.catch_up(state.shape.object_name, started, reason="resync")
         if before is not None:
             async with replica.transaction():
-                await checkpoints.save(replica, before, reason="resync", changes=records)
-    logger.warning("salesforce object resynced", extra={
-        "object": object_name, "records": records,
-        "position": before.position if before else "-2"})
+                await checkpoints.save(
+                    replica, before, reason="resync", changes=records
+                )
+    logger.warning(
+        "salesforce object resynced",
+        extra={
+            "object": object_name,
+            "records": records,
+            "position": before.position if before else "-2",
+        },
+    )
     return records

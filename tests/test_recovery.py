@@ -39,25 +39,36 @@ INSERT INTO invoice (customer_id, amount, memo)
 def _sf_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     config = EmulatorConfig()
     monkeypatch.setenv("REPLICATOR_TEST_SF_SECRET", config.client_secret)
-    monkeypatch.setenv("REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token)
+    monkeypatch.setenv(
+        "REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token
+    )
 
 
-def settings_for(case: ErpCase, served: Served | None, *, erp_dsn: str | None = None
-                 ) -> dict[str, Any]:
+def settings_for(
+    case: ErpCase, served: Served | None, *, erp_dsn: str | None = None
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "replica": {"dsn": case.replica_dsn},
-        "erp": {"database": {"dsn": erp_dsn or case.erp_dsn}, "slot": case.slot,
-                "publication": case.publication, "heartbeat_seconds": 0.2,
-                "status_interval_seconds": 0.5},
+        "erp": {
+            "database": {"dsn": erp_dsn or case.erp_dsn},
+            "slot": case.slot,
+            "publication": case.publication,
+            "heartbeat_seconds": 0.2,
+            "status_interval_seconds": 0.5,
+        },
         "ops": {"listen": ""},  # tests run side by side: no fixed port
     }
     if served is not None:
         data["salesforce"] = {
-            "login_url": served.url, "client_id": served.config.client_id,
+            "login_url": served.url,
+            "client_id": served.config.client_id,
             "client_secret_env": "REPLICATOR_TEST_SF_SECRET",
             "username": served.config.username,
-            "password_env": "REPLICATOR_TEST_SF_PASSWORD", "objects": OBJECTS,
-            "long_poll_timeout_seconds": 2, "skew_seconds": 5}
+            "password_env": "REPLICATOR_TEST_SF_PASSWORD",
+            "objects": OBJECTS,
+            "long_poll_timeout_seconds": 2,
+            "skew_seconds": 5,
+        }
     return data
 
 
@@ -101,8 +112,12 @@ async def change_erp(dsn: str, round_no: int) -> None:
     try:
         await conn.execute(
             "INSERT INTO invoice (customer_id, amount, memo) "
-            "SELECT 1 + g % 40, g, $1 FROM generate_series(1, 50) g", f"round {round_no}")
-        await conn.execute("UPDATE customer SET city = $1 WHERE id % 3 = 0", f"City {round_no}")
+            "SELECT 1 + g % 40, g, $1 FROM generate_series(1, 50) g",
+            f"round {round_no}",
+        )
+        await conn.execute(
+            "UPDATE customer SET city = $1 WHERE id % 3 = 0", f"City {round_no}"
+        )
         await conn.execute("DELETE FROM invoice WHERE id % 17 = $1", round_no % 17)
     finally:
         await conn.close()
@@ -115,20 +130,27 @@ async def change_org(served: Served, round_no: int) -> None:
     base = f"{served.url}/services/data/v60.0/sobjects"
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(headers=headers) as http:
-        async with http.post(f"{base}/Account", json={"Name": f"Round {round_no}"}) as resp:
+        async with http.post(
+            f"{base}/Account", json={"Name": f"Round {round_no}"}
+        ) as resp:
             account = (await resp.json())["id"]
         async with http.patch(f"{base}/Account/{account}", json={"Industry": "Energy"}):
             pass
-        async with http.post(f"{base}/Contact", json={
-                "LastName": f"Round {round_no}", "AccountId": account}):
+        async with http.post(
+            f"{base}/Contact",
+            json={"LastName": f"Round {round_no}", "AccountId": account},
+        ):
             pass
 
 
 async def history_reasons(replica_dsn: str, stream: str = "erp") -> list[str]:
     conn = await asyncpg.connect(replica_dsn)
     try:
-        rows = await conn.fetch("SELECT reason FROM replicator.checkpoint_history "
-                                "WHERE stream = $1 ORDER BY id", stream)
+        rows = await conn.fetch(
+            "SELECT reason FROM replicator.checkpoint_history "
+            "WHERE stream = $1 ORDER BY id",
+            stream,
+        )
     finally:
         await conn.close()
     return [r[0] for r in rows]
@@ -147,7 +169,9 @@ async def erp_seeded(erp_case: ErpCase) -> AsyncIterator[ErpCase]:
 
 
 async def test_daemon_down_while_both_sides_change_catches_up_on_restart(
-    erp_seeded: ErpCase, emulator: Served, tmp_path: Path,
+    erp_seeded: ErpCase,
+    emulator: Served,
+    tmp_path: Path,
 ) -> None:
     """Changes made on the ERP and in the org while no daemon runs are all applied on
     restart, from the stored LSN and replay ids: no resync, nothing lost."""
@@ -167,12 +191,15 @@ async def test_daemon_down_while_both_sides_change_catches_up_on_restart(
 
 
 def pg_tool(name: str, *args: str) -> None:
-    subprocess.run([str(find_bindir() / name), *args], check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(
+        [str(find_bindir() / name), *args], check=True, capture_output=True, timeout=60
+    )
 
 
 async def test_replica_restored_from_backup_resyncs_released_erp_tables(
-    erp_seeded: ErpCase, emulator: Served, tmp_path: Path,
+    erp_seeded: ErpCase,
+    emulator: Served,
+    tmp_path: Path,
 ) -> None:
     """A replica restored from a dump taken before the slot moved on: the ERP tables are
     reloaded from a new slot (the slot released what the dump lacks), Salesforce
@@ -205,12 +232,15 @@ async def test_replica_restored_from_backup_resyncs_released_erp_tables(
 
 
 async def test_dropped_slot_is_detected_recreated_and_tables_resynced(
-    erp_seeded: ErpCase, tmp_path: Path,
+    erp_seeded: ErpCase,
+    tmp_path: Path,
 ) -> None:
     data = settings_for(erp_seeded, None)
     daemon = Daemon(write_toml(tmp_path / "replicator.toml", data), tmp_path)
     await run_daemon(daemon)
-    await fetchval(erp_seeded.erp_dsn, "SELECT pg_drop_replication_slot($1)", erp_seeded.slot)
+    await fetchval(
+        erp_seeded.erp_dsn, "SELECT pg_drop_replication_slot($1)", erp_seeded.slot
+    )
     await change_erp(erp_seeded.erp_dsn, 1)
 
     await run_daemon(daemon)
@@ -220,33 +250,51 @@ async def test_dropped_slot_is_detected_recreated_and_tables_resynced(
     await assert_verified(parse(data), salesforce=False)
     resyncs = logged(daemon, 2, "resyncing every erp table from a new slot")
     assert len(resyncs) == 1 and "missing" in resyncs[0]["reason"]
-    assert await history_reasons(erp_seeded.replica_dsn) == ["snapshot", "resync", "apply"]
-    assert await fetchval(erp_seeded.erp_dsn, "SELECT count(*) FROM pg_replication_slots "
-                          "WHERE slot_name = $1", erp_seeded.slot) == 1
+    assert await history_reasons(erp_seeded.replica_dsn) == [
+        "snapshot",
+        "resync",
+        "apply",
+    ]
+    assert (
+        await fetchval(
+            erp_seeded.erp_dsn,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            erp_seeded.slot,
+        )
+        == 1
+    )
     daemon.close()
 
 
 async def test_slot_invalidated_by_max_slot_wal_keep_size_is_resynced(
-    erp_case: ErpCase, tmp_path: Path,
+    erp_case: ErpCase,
+    tmp_path: Path,
 ) -> None:
     """An ERP whose slot lost its WAL (wal_status 'lost') while the daemon was down."""
-    server = TempPostgres(settings={"max_slot_wal_keep_size": "1MB",
-                                    "wal_keep_size": "0"}).start()
+    server = TempPostgres(
+        settings={"max_slot_wal_keep_size": "1MB", "wal_keep_size": "0"}
+    ).start()
     try:
         erp_dsn = server.dsn("postgres")
         conn = await asyncpg.connect(erp_dsn)
-        await conn.execute(ERP_SCHEMA + "CREATE TABLE filler (id bigserial PRIMARY KEY, b text);")
+        await conn.execute(
+            ERP_SCHEMA + "CREATE TABLE filler (id bigserial PRIMARY KEY, b text);"
+        )
         data = settings_for(erp_case, None, erp_dsn=erp_dsn)
         daemon = Daemon(write_toml(tmp_path / "replicator.toml", data), tmp_path)
         await run_daemon(daemon)
         await change_erp(erp_dsn, 1)
         for _ in range(12):  # WAL past the keep size, then a checkpoint invalidates
-            await conn.execute("INSERT INTO filler (b) SELECT repeat('x', 1000) "
-                               "FROM generate_series(1, 2000)")
+            await conn.execute(
+                "INSERT INTO filler (b) SELECT repeat('x', 1000) "
+                "FROM generate_series(1, 2000)"
+            )
             await conn.execute("SELECT pg_switch_wal()")
             await conn.execute("CHECKPOINT")
-            status = await conn.fetchval("SELECT wal_status FROM pg_replication_slots "
-                                         "WHERE slot_name = $1", erp_case.slot)
+            status = await conn.fetchval(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                erp_case.slot,
+            )
             if status == "lost":
                 break
         await conn.close()

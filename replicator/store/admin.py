@@ -24,13 +24,17 @@ async def replica_connection(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     try:
         conn = await asyncpg.connect(dsn, server_settings=SESSION_SETTINGS)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise StoreConnectionError(f"cannot connect to the replica: {exc}; check "
-                                   "replica.dsn and that the server is up") from exc
+        raise StoreConnectionError(
+            f"cannot connect to the replica: {exc}; check "
+            "replica.dsn and that the server is up"
+        ) from exc
     try:
         yield conn
     except asyncpg.UndefinedTableError as exc:
-        raise StoreError(f"the replica has no replicator schema yet ({exc}); run "
-                         "`replicator run` once to create it") from exc
+        raise StoreError(
+            f"the replica has no replicator schema yet ({exc}); run "
+            "`replicator run` once to create it"
+        ) from exc
     finally:
         await conn.close()
 

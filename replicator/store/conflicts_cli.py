@@ -15,7 +15,9 @@ from replicator.store.admin import print_table, replica_connection
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="path of the TOML config file")
+    parser.add_argument(
+        "--config", "-c", required=True, help="path of the TOML config file"
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     listing = sub.add_parser("list", help="conflicts, newest first")
     listing.add_argument("--entity", help="only this entity")
@@ -33,8 +35,25 @@ async def list_conflicts(settings: Settings, entity: str | None, limit: int) -> 
             "SELECT id, recorded_at, entity, entity_key, field, kept_value, kept_source, "
             "kept_time, discarded_value, discarded_source, discarded_time, rule "
             "FROM replicator.conflicts WHERE $1::text IS NULL OR entity = $1 "
-            "ORDER BY id DESC LIMIT $2", entity, limit)
-    print_table(("id", "recorded", "entity", "key", "field", "kept value", "kept from",
-                 "kept time", "discarded value", "discarded from", "discarded time", "rule"),
-                rows)
+            "ORDER BY id DESC LIMIT $2",
+            entity,
+            limit,
+        )
+    print_table(
+        (
+            "id",
+            "recorded",
+            "entity",
+            "key",
+            "field",
+            "kept value",
+            "kept from",
+            "kept time",
+            "discarded value",
+            "discarded from",
+            "discarded time",
+            "rule",
+        ),
+        rows,
+    )
     return 0

@@ -24,14 +24,19 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="path of the TOML config file")
+    parser.add_argument(
+        "--config", "-c", required=True, help="path of the TOML config file"
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     listing = sub.add_parser("list", help="dead letters, newest first")
-    listing.add_argument("--status", default="parked",
-                         choices=("parked", "retried", "dropped", "any"))
+    listing.add_argument(
+        "--status", default="parked", choices=("parked", "retried", "dropped", "any")
+    )
     listing.add_argument("--limit", type=int, default=100)
-    for action, text in (("retry", "re-read the record of a letter"),
-                         ("drop", "mark a letter as dealt with")):
+    for action, text in (
+        ("retry", "re-read the record of a letter"),
+        ("drop", "mark a letter as dealt with"),
+    ):
         sub_parser = sub.add_parser(action, help=text)
         which = sub_parser.add_mutually_exclusive_group(required=True)
         which.add_argument("id", nargs="?", type=int, help="the letter's id")
@@ -52,16 +57,23 @@ async def list_letters(settings: Settings, status: str, limit: int) -> int:
         rows = await conn.fetch(
             "SELECT id, created_at, stream, entity, source_key, position, status, reason "
             "FROM replicator.dead_letters WHERE $1 = 'any' OR status = $1 "
-            "ORDER BY id DESC LIMIT $2", status, limit)
-    print_table(("id", "created", "stream", "entity", "key", "position", "status", "reason"),
-                rows)
+            "ORDER BY id DESC LIMIT $2",
+            status,
+            limit,
+        )
+    print_table(
+        ("id", "created", "stream", "entity", "key", "position", "status", "reason"),
+        rows,
+    )
     return 0
 
 
 async def _parked(conn: asyncpg.Connection, letter: int | None) -> list[asyncpg.Record]:
     rows = await conn.fetch(
         "SELECT id, stream, entity, source_key FROM replicator.dead_letters "
-        "WHERE status = 'parked' AND ($1::bigint IS NULL OR id = $1) ORDER BY id", letter)
+        "WHERE status = 'parked' AND ($1::bigint IS NULL OR id = $1) ORDER BY id",
+        letter,
+    )
     if letter is not None and not rows:
         print(f"no parked dead letter with id {letter}; see `replicator dlq list`")
     return list(rows)
@@ -72,11 +84,18 @@ async def drop(settings: Settings, letter: int | None) -> int:
         rows = await _parked(conn, letter)
         await conn.execute(
             "UPDATE replicator.dead_letters SET status = 'dropped' WHERE id = ANY($1::bigint[])",
-            [r["id"] for r in rows])
+            [r["id"] for r in rows],
+        )
     for row in rows:
-        logger.warning("dead letter dropped by operator", extra={
-            "id": row["id"], "stream": row["stream"], "entity": row["entity"],
-            "key": row["source_key"]})
+        logger.warning(
+            "dead letter dropped by operator",
+            extra={
+                "id": row["id"],
+                "stream": row["stream"],
+                "entity": row["entity"],
+                "key": row["source_key"],
+            },
+        )
     print(f"dropped {len(rows)} dead letter(s)")
     return 0 if rows or letter is None else 1
 
@@ -92,32 +111,42 @@ async def retry(settings: Settings, letter: int | None) -> int:
             await _reread(settings, conn, retriable)
         await conn.execute(
             "UPDATE replicator.dead_letters SET status = 'retried' WHERE id = ANY($1::bigint[])",
-            [r["id"] for r in retriable])
+            [r["id"] for r in retriable],
+        )
     print(f"retried {len(retriable)} dead letter(s), {len(refused)} left parked")
     return 0 if not refused and (rows or letter is None) else 1
 
 
-def _split(settings: Settings, rows: list[asyncpg.Record]
-           ) -> tuple[list[asyncpg.Record], list[tuple[asyncpg.Record, str]]]:
+def _split(
+    settings: Settings, rows: list[asyncpg.Record]
+) -> tuple[list[asyncpg.Record], list[tuple[asyncpg.Record, str]]]:
     sf = settings.salesforce
     objects = set(sf.objects) if sf else set()
     ok: list[asyncpg.Record] = []
     refused: list[tuple[asyncpg.Record, str]] = []
     for row in rows:
         if sf is None or not row["stream"].startswith(sf.stream_prefix + ":"):
-            refused.append((row, "only Salesforce changes can be re-read; resync the table"))
+            refused.append(
+                (row, "only Salesforce changes can be re-read; resync the table")
+            )
         elif row["entity"] not in objects:
             refused.append((row, f"{row['entity']!r} is not in salesforce.objects"))
         elif not row["source_key"]:
-            refused.append((row, f"no record key; run `replicator resync {row['entity']}`, "
-                                 "then drop it"))
+            refused.append(
+                (
+                    row,
+                    f"no record key; run `replicator resync {row['entity']}`, "
+                    "then drop it",
+                )
+            )
         else:
             ok.append(row)
     return ok, refused
 
 
-async def _reread(settings: Settings, conn: asyncpg.Connection,
-                  rows: list[asyncpg.Record]) -> None:
+async def _reread(
+    settings: Settings, conn: asyncpg.Connection, rows: list[asyncpg.Record]
+) -> None:
     import aiohttp
 
     from replicator.sources.salesforce.applier import SfApplier
@@ -130,15 +159,22 @@ async def _reread(settings: Settings, conn: asyncpg.Connection,
     auth = build_authenticator(cfg)
     async with aiohttp.ClientSession() as http:
         await auth.login()
-        rest = RestClient(auth, http, api_version=cfg.api_version, client_name=cfg.client_name)
-        applier = SfApplier(MirrorStore(conn, cfg.stream_prefix, schema="sf"), rest,
-                            stream_prefix=cfg.stream_prefix,
-                            skew=dt.timedelta(seconds=cfg.skew_seconds))
+        rest = RestClient(
+            auth, http, api_version=cfg.api_version, client_name=cfg.client_name
+        )
+        applier = SfApplier(
+            MirrorStore(conn, cfg.stream_prefix, schema="sf"),
+            rest,
+            stream_prefix=cfg.stream_prefix,
+            skew=dt.timedelta(seconds=cfg.skew_seconds),
+        )
         by_object: dict[str, set[str]] = {}
         for row in rows:
             by_object.setdefault(row["entity"], set()).add(row["source_key"])
         for obj, ids in by_object.items():
             await applier.prepare(obj)
             await applier.reread(obj, ids)
-            logger.warning("dead letters retried by re-reading their records",
-                           extra={"object": obj, "records": len(ids)})
+            logger.warning(
+                "dead letters retried by re-reading their records",
+                extra={"object": obj, "records": len(ids)},
+            )

@@ -29,7 +29,8 @@ async def current(conn: asyncpg.Connection) -> Identity:
     try:
         row = await conn.fetchrow(
             "SELECT (pg_control_system()).system_identifier::text AS system, "
-            "(pg_control_checkpoint()).timeline_id AS timeline")
+            "(pg_control_checkpoint()).timeline_id AS timeline"
+        )
     except asyncpg.InsufficientPrivilegeError:
         # The control functions may be revoked from the replicator's role: the
         # table oid still tells a restored dump apart.
@@ -40,7 +41,8 @@ async def current(conn: asyncpg.Connection) -> Identity:
 async def stored(conn: asyncpg.Connection) -> Identity | None:
     row = await conn.fetchrow(
         "SELECT checkpoints_oid, system_identifier, timeline "
-        "FROM replicator.replica_identity WHERE id = 1")
+        "FROM replicator.replica_identity WHERE id = 1"
+    )
     if row is None:
         return None
     return Identity(int(row[0]), row[1], int(row[2]))
@@ -54,9 +56,15 @@ async def was_restored(conn: asyncpg.Connection) -> bool:
     now = await current(conn)
     if before == now:
         return False
-    logger.warning("replica identity changed since the checkpoints were written", extra={
-        "stored_oid": before.checkpoints_oid, "oid": now.checkpoints_oid,
-        "stored_timeline": before.timeline, "timeline": now.timeline})
+    logger.warning(
+        "replica identity changed since the checkpoints were written",
+        extra={
+            "stored_oid": before.checkpoints_oid,
+            "oid": now.checkpoints_oid,
+            "stored_timeline": before.timeline,
+            "timeline": now.timeline,
+        },
+    )
     return True
 
 
@@ -68,4 +76,7 @@ async def record(conn: asyncpg.Connection) -> None:
         "timeline) VALUES (1, $1, $2, $3) ON CONFLICT (id) DO UPDATE SET checkpoints_oid "
         "= excluded.checkpoints_oid, system_identifier = excluded.system_identifier, "
         "timeline = excluded.timeline, recorded_at = now()",
-        now.checkpoints_oid, now.system_identifier, now.timeline)
+        now.checkpoints_oid,
+        now.system_identifier,
+        now.timeline,
+    )

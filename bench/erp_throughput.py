@@ -222,11 +222,24 @@ def child(args: dict[str, Any]) -> None:
                 stop.set()
 
             eof = asyncio.create_task(on_eof())
+        marks: list[Any] = []
+
+        class Ready(asyncio.Event):
+            def set(self) -> None:
+                # Stamped when set: the streaming tasks may run long before
+                # a task waiting on the event gets its turn.
+                if not marks:
+                    marks.extend((time.perf_counter(), os.times(), rss_kb()))
+                    gc_time[0] = 0.0
+                super().set()
+
+        pipeline.ready = Ready()
         run = asyncio.create_task(pipeline.run(stop, until_caught_up=not args["follow"]))
         ready = asyncio.create_task(pipeline.ready.wait())
         await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
-        start, cpu, at_ready = time.perf_counter(), os.times(), rss_kb()
-        gc_time[0] = 0.0
+        if not marks:
+            await run  # it ended before streaming: raises what stopped it
+        start, cpu, at_ready = marks
         print("READY", flush=True)
         stats = await run
         end, cpu_end = time.perf_counter(), os.times()

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from replicator.cli import main
 from replicator.config import parse
 from replicator.daemon import Daemon
+from replicator.emulator.app import EmulatorConfig
 from replicator.ops import Metrics, Notifier, OpsState
-from replicator.ops.server import parse_listen
+from replicator.ops.server import OpsServer, parse_listen
+from tests.fixtures.emulator import Served
 from tests.fixtures.erp_daemon import REPO, wait_for, write_config
 from tests.fixtures.pg import ErpCase, replicate
+from tests.test_sf_source import org_client, sf_settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,6 +91,21 @@ def test_state_changes_notify_once_each_and_dead_letters_on_crossing() -> None:
 )
 def test_listen_addresses_parse(listen: str, expected: tuple[str, int]) -> None:
     assert parse_listen(listen) == expected
+
+
+async def test_an_address_in_use_leaves_the_daemon_running_without_endpoint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Replication matters more than its endpoint: a taken port is an error line."""
+    state, metrics = OpsState(lag_budget=5), Metrics()
+    async with (
+        OpsServer("127.0.0.1:0", state, metrics) as first,
+        OpsServer(f"127.0.0.1:{first.port}", state, metrics) as second,
+    ):
+        port = second.port
+
+    assert port is None
+    assert "ops endpoint unavailable" in caplog.text
 
 
 # -- webhook ---------------------------------------------------------------------
@@ -153,6 +172,14 @@ CREATE TABLE item (id serial PRIMARY KEY, name text);
 CREATE TABLE note (id serial PRIMARY KEY, body text);
 INSERT INTO item (name) SELECT 'i' || g FROM generate_series(1, 50) g;
 """
+
+
+OPS_FAST = parse(
+    {"replica": {"dsn": "x"}, "ops": {"listen": "127.0.0.1:0", "sample_seconds": 0.2}}
+).ops
+
+
+LATENCY_SF = ("replicator_apply_latency_seconds_count", (("stream", "sf"),))
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -242,6 +269,16 @@ async def test_running_daemon_serves_health_readiness_and_metrics(
     assert values[("replicator_conflicts_total", ())] == 0
 
 
+@pytest.fixture
+def _keep_logging() -> Iterator[None]:
+    """main() sets up logging on the captured stdout: put the handlers back."""
+    logger = logging.getLogger("replicator")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.mark.usefixtures("_keep_logging")
 async def test_status_reports_each_stream_from_the_replica_without_the_daemon(
     erp_case: ErpCase,
     tmp_path: Path,
@@ -298,3 +335,55 @@ def test_every_metric_the_example_alerts_use_is_exported() -> None:
 
     assert used
     assert used <= exported, used - exported
+
+
+async def test_salesforce_streams_are_ready_and_counted_per_object(
+    erp_case: ErpCase, emulator: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against the emulator: one stream per channel, ready once subscribed and
+    loaded; events from the org are counted per object with their latency."""
+    config = EmulatorConfig()
+    monkeypatch.setenv("REPLICATOR_TEST_SF_SECRET", config.client_secret)
+    monkeypatch.setenv(
+        "REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token
+    )
+    settings = sf_settings(erp_case, emulator, ["Account"]).model_copy(
+        update={"ops": OPS_FAST}
+    )
+    stop = asyncio.Event()
+    daemon = Daemon(settings, stop)
+    task = asyncio.create_task(daemon.serve())
+    try:
+        async with aiohttp.ClientSession() as http, org_client(emulator) as org:
+            await wait_for(
+                lambda: asyncio.sleep(0, daemon.ops_port), timeout=20, what="ops"
+            )
+            base = f"http://127.0.0.1:{daemon.ops_port}"
+
+            async def ready() -> bool:
+                return (await get(http, base + "/readyz"))[0] == 200
+
+            await wait_for(ready, timeout=60, what="/readyz 200")
+            for i in range(3):
+                await org.create("Account", Name=f"ops test {i}")
+            received = (
+                "replicator_events_received_total",
+                (("entity", "Account"), ("stream", "sf")),
+            )
+
+            async def counted() -> dict[Any, float] | None:
+                values = metric_values((await get(http, base + "/metrics"))[1])
+                latency = values.get(LATENCY_SF, 0)
+                return values if values.get(received, 0) >= 3 and latency else None
+
+            values = await wait_for(counted, timeout=30, what="Account events")
+            readyz = json.loads((await get(http, base + "/readyz"))[1])
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    assert list(readyz["streams"]) == ["sf:/data/AccountChangeEvent"]
+    assert values[LATENCY_SF] >= 1
+    stream = (("stream", "sf:/data/AccountChangeEvent"),)
+    assert values[("replicator_stream_up", stream)] == 1
+    assert ("replicator_checkpoint_age_seconds", stream) in values

@@ -143,6 +143,11 @@ class Collector:
         positions = getattr(pipeline, "_positions", {})
         last_commit = getattr(pipeline, "_last_commit", {})
         channels = [s.channel for s in applier.objects.values()] if applier else []
+        if channels and prefix in self.state.streams:
+            # the placeholder shown until the objects are described
+            del self.state.streams[prefix]
+            self.metrics.up.remove(prefix)
+            self.metrics.resync_running.remove(prefix)
         for channel in channels or [None]:
             stream = applier.stream_name(channel) if channel else prefix
             position = positions.get(channel) if channel else None

@@ -13,7 +13,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from replicator.errors import ConfigError
 from replicator.ops.metrics import Metrics
 from replicator.ops.state import OpsState
 
@@ -67,21 +66,29 @@ class OpsServer:
     """Serve the endpoints on ``listen`` in the block; ``port`` is the bound one."""
 
     def __init__(self, listen: str, state: OpsState, metrics: Metrics) -> None:
-        self.host, self.port = parse_listen(listen)
+        self.host, self.port_wanted = parse_listen(listen)
+        self.port: int | None = self.port_wanted
         self._runner = web.AppRunner(create_app(state, metrics), access_log=None)
 
     async def __aenter__(self) -> OpsServer:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port_wanted)
         try:
             await site.start()
         except OSError as exc:
+            error = exc.strerror
+        else:
+            error = None
+        if error is not None:
+            # Replication matters more than its endpoint: go on without it, loudly
+            # (a scrape then finds the target down and ReplicatorDown fires).
             await self._runner.cleanup()
-            raise ConfigError(
-                f"ops.listen: cannot listen on {self.host}:{self.port}: "
-                f"{exc.strerror}; "
-                'choose another address, or set listen = "" to serve no endpoint'
-            ) from None
+            self.port = None
+            logger.error(
+                "ops endpoint unavailable: cannot listen; choose another ops.listen",
+                extra={"host": self.host, "port": self.port_wanted, "error": error},
+            )
+            return self
         for address in self._runner.addresses:
             self.port = int(address[1])
             break
@@ -91,4 +98,5 @@ class OpsServer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._runner.cleanup()
+        if self.port is not None:
+            await self._runner.cleanup()

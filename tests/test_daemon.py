@@ -259,6 +259,45 @@ async def test_second_sigint_exits_at_once_and_a_restart_loses_nothing(
     await assert_nothing_lost_nothing_twice(erp_case)
 
 
+async def test_drain_past_the_deadline_is_cancelled_naming_the_task(
+    erp_case: ErpCase,
+    tmp_path: Path,
+) -> None:
+    """A drain held up past ``shutdown_seconds`` is cancelled with a warning that
+    names the task; the exit is still 0 and a restart loses nothing."""
+    async with prepared(erp_case):
+        config = config_for(
+            erp_case, tmp_path / "r.toml", "\n[daemon]\nshutdown_seconds = 1\n"
+        )
+        daemon = Daemon(config, tmp_path)
+        writer = Writer(erp_case.erp_dsn)
+        try:
+            daemon.start()
+            writer.start()
+            await wait_streaming(erp_case)
+            replica = await asyncpg.connect(erp_case.replica_dsn)
+            await replica.execute(SLOW_APPLY)
+            await asyncio.sleep(1.0)
+
+            daemon.proc.send_signal(signal.SIGTERM)
+            code = await daemon.wait(20)
+            await replica.execute("DROP TRIGGER slow_apply ON erp.ledger")
+            await replica.close()
+            await writer.stop()
+            await restart_until_caught_up(daemon)
+        finally:
+            daemon.close()
+
+    assert code == 0, daemon.output()
+    (warning,) = [
+        r
+        for r in daemon.records(1)
+        if r["event"] == "task did not stop within the shutdown deadline, cancelling"
+    ]
+    assert warning["task"] == f"source:erp:{erp_case.slot}"
+    await assert_nothing_lost_nothing_twice(erp_case)
+
+
 # -- one active instance ------------------------------------------------------------
 
 

@@ -165,10 +165,15 @@ async def verify_sf(settings: Settings, *, sample: int = 5) -> list[TableReport]
             for obj in cfg.objects:
                 shape = shape_of(await rest.describe(obj))
                 table = f"sf.{quote_ident(shape.table)}"
-                cols = ", ".join(quote_ident(f.column) for f in shape.fields)
-                casts = ", ".join(f"${i + 1}::text::{f.type}" for i, f in enumerate(shape.fields))
-                soql = "SELECT " + ", ".join(f.api_name for f in shape.fields) + f" FROM {obj}"
-                rows = [tuple(to_text(r.get(f.api_name)) for f in shape.fields)
+                mirrored = {r[0] for r in await replica.fetch(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = 'sf' AND table_name = $1", shape.table)}
+                lacking = [f.api_name for f in shape.fields if f.column not in mirrored]
+                fields = [f for f in shape.fields if f.column in mirrored]
+                cols = ", ".join(quote_ident(f.column) for f in fields)
+                casts = ", ".join(f"${i + 1}::text::{f.type}" for i, f in enumerate(fields))
+                soql = "SELECT " + ", ".join(f.api_name for f in fields) + f" FROM {obj}"
+                rows = [tuple(to_text(r.get(f.api_name)) for f in fields)
                         async for r in rest.query(soql, include_deleted=True)]
                 async with replica.transaction():
                     await replica.execute(
@@ -183,8 +188,9 @@ async def verify_sf(settings: Settings, *, sample: int = 5) -> list[TableReport]
                     extra = await replica.fetch(
                         f"SELECT ROW({cols})::text FROM {table} EXCEPT "
                         f"SELECT ROW({cols})::text FROM _org")
-                report.mismatches = len(missing) + len(extra)
-                report.missing = [r[0] for r in missing[:sample]]
+                report.mismatches = len(missing) + len(extra) + len(lacking)
+                report.missing = [f"column for field {name}" for name in lacking][:sample]
+                report.missing += [r[0] for r in missing[:sample]]
                 report.extra = [r[0] for r in extra[:sample]]
                 reports.append(report)
     finally:

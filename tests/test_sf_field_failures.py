@@ -1023,7 +1023,7 @@ async def test_field_added_to_the_org_after_start_evolves_the_mirror(
                 "Region__c", "string", label="Region", length=40
             )
             await org.update("Account", acme, Region__c="North East", Phone="555-0999")
-            await until(lambda: pipeline.stats.applied >= 1)
+            await until(lambda: pipeline.stats.events >= 1)
             await eventually_mirrored(settings)
 
     row = await fetchrow(

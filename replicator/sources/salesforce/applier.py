@@ -232,7 +232,13 @@ class SfApplier:
             # the mirror in this transaction, rather than dead-letter the change.
             logger.info("event names fields the mirror lacks, describing the object again",
                         extra={"object": state.shape.object_name})
+            before = set(state.table.columns)
             state = await self.prepare(state.shape.object_name)
+            if set(state.table.columns) - before:
+                # Records no event touches hold values (defaults) for the new
+                # fields too: read the object once more.
+                await self.catch_up(state.shape.object_name, None,
+                                    reason="fields added to the org")
         shape, table = state.shape, state.table
         columns = {f.api_name: i for i, f in enumerate(shape.fields)}
         stored = await self._modstamps(state, {c.record_id for c in group})

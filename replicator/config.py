@@ -13,9 +13,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from replicator.errors import ConfigError
+from replicator.mapping.config import EntitySettings, SyncSettings, check_entities
 
 _IDENT = r"^[a-z_][a-z0-9_]{0,62}$"
 
@@ -131,11 +140,25 @@ class Settings(_Frozen):
     apply: ApplySettings = ApplySettings()
     daemon: DaemonSettings = DaemonSettings()
     ops: OpsSettings = OpsSettings()
+    sync: SyncSettings = SyncSettings()
+    entities: tuple[EntitySettings, ...] = ()
+
+    @field_validator("entities")
+    @classmethod
+    def _entities_apart(
+        cls, entities: tuple[EntitySettings, ...]
+    ) -> tuple[EntitySettings, ...]:
+        problems = check_entities(entities)
+        if problems:
+            raise PydanticCustomError("mapping", "; ".join(problems))
+        return entities
 
 
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     kind = error["type"]
+    if kind == "mapping":  # the message names the key and the fix itself
+        return f"{key}: {error['msg']}"
     if kind == "missing":
         return f"{key}: required key is missing; add it to the config file"
     if kind == "extra_forbidden":

@@ -85,12 +85,15 @@ class ErpPipeline:
         """Run until ``stop`` is set (or caught up), restarting on passing faults."""
         backoff = Backoff()
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 await self.run_once(stop, until_caught_up=until_caught_up)
                 return self.stats
             except ReplicatorError as exc:
                 if not exc.retriable:
                     raise
+                if time.monotonic() - started > 60:
+                    backoff.reset()  # it ran well for a while: a new fault, not the same one
                 delay = backoff.next_delay()
                 logger.error("erp pipeline failed, retrying: %s", exc, extra={
                     "error": str(exc), "retry_in": round(delay, 2),

@@ -66,6 +66,8 @@ class Collector:
         )
         self._replica: asyncpg.Connection | None = None
         self._erp: asyncpg.Connection | None = None
+        self._checkpointed: set[str] = set()  # streams with a checkpoint
+        self._checkpointed_known = False  # the replica was read at least once
 
     async def run(self) -> None:
         """Sample until cancelled; probes that fail are retried at the next sample."""
@@ -114,8 +116,9 @@ class Collector:
         state = self._task_state("erp", pipeline)
         applier = pipeline.applier
         checkpoint = applier.checkpoint_lsn if applier is not None else None
-        if state == DOWN and (checkpoint is None or checkpoint == 0):
-            state = RESYNCING if self.state.streams.get(name) is not None else STARTING
+        if state == DOWN and name not in self._checkpointed:
+            # no checkpoint yet: the initial snapshot is loading
+            state = RESYNCING if self._checkpointed_known else STARTING
         lag = self._erp_lag(checkpoint) if state == STREAMING else None
         self._set(name, state, lag=lag, last_event_at=stats.last_commit_time or None)
 
@@ -291,6 +294,8 @@ class Collector:
                 "FROM replicator.checkpoints"
             ):
                 self.metrics.checkpoint_age.labels(r["stream"]).set(r["age"])
+                self._checkpointed.add(r["stream"])
+        self._checkpointed_known = True
         if "checkpoint_history" in tables and "erp" in self.pipelines:
             stream = self.settings.erp.stream if self.settings.erp else "erp"
             count = await conn.fetchval(

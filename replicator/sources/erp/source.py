@@ -17,7 +17,7 @@ import time
 
 import asyncpg
 
-from replicator.backoff import Backoff
+from replicator.backoff import retry_until_stopped
 from replicator.applier import ApplyStats, ErpApplier, SourceInfo
 from replicator.config import Settings
 from replicator.errors import (
@@ -83,24 +83,8 @@ class ErpPipeline:
 
     async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> ApplyStats:
         """Run until ``stop`` is set (or caught up), restarting on passing faults."""
-        backoff = Backoff()
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.run_once(stop, until_caught_up=until_caught_up)
-                return self.stats
-            except ReplicatorError as exc:
-                if not exc.retriable:
-                    raise
-                if time.monotonic() - started > 60:
-                    backoff.reset()  # it ran well for a while: a new fault, not the same one
-                delay = backoff.next_delay()
-                logger.error("erp pipeline failed, retrying: %s", exc, extra={
-                    "error": str(exc), "retry_in": round(delay, 2),
-                    "attempt": backoff.attempt})
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await stop.wait()
+        await retry_until_stopped(
+            "erp pipeline", lambda: self.run_once(stop, until_caught_up=until_caught_up), stop)
         return self.stats
 
     async def run_once(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:

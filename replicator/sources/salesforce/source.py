@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from replicator.backoff import Backoff
+from replicator.backoff import retry_until_stopped
 from replicator.config import SalesforceSettings, Settings
 from replicator.errors import ConfigError, ReplicatorError, first_error, StoreConnectionError, StoreError
 from replicator.sources.erp.snapshot import SESSION_SETTINGS
@@ -74,20 +74,7 @@ class SalesforcePipeline:
         return self.applier.stats if self.applier else None
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = Backoff()
-        while not stop.is_set():
-            try:
-                await self.run_once(stop)
-                return
-            except ReplicatorError as exc:
-                if not exc.retriable:
-                    raise
-                delay = backoff.next_delay()
-                logger.error("salesforce pipeline failed, retrying: %s", exc,
-                             extra={"retry_in": round(delay, 2)})
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await stop.wait()
+        await retry_until_stopped("salesforce pipeline", lambda: self.run_once(stop), stop)
 
     async def run_once(self, stop: asyncio.Event) -> None:
         try:

@@ -20,6 +20,7 @@ import logging
 import re
 import zoneinfo
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -31,6 +32,7 @@ from replicator.mapping._countries import ALIASES, COUNTRIES
 from replicator.mapping._spec import Spec, parse_spec, split_args
 
 __all__ = [
+    "COUNTRIES",
     "ENTRY_POINT_GROUP",
     "US_STATES",
     "Convert",
@@ -70,6 +72,9 @@ US_STATES: dict[str, str] = {
     "American Samoa": "AS", "Guam": "GU", "Northern Mariana Islands": "MP",
     "Puerto Rico": "PR", "U.S. Virgin Islands": "VI",
 }  # fmt: skip
+
+# The field a converter runs for, so its log lines can name it.
+_FIELD: ContextVar[str] = ContextVar("transform_field", default="")
 
 _TEXT: frozenset[Kind] = frozenset({"text"})
 _NUMBER: frozenset[Kind] = frozenset({"number"})
@@ -138,10 +143,13 @@ class Transform:
     def _run(self, fn: Convert, value: Any) -> Any:
         if value is None:
             return None
+        token = _FIELD.set(self.field)
         try:
             return fn(value)
         except Unmappable as exc:
             raise TransformError(self.field, value, f"{self.spec}: {exc}") from None
+        finally:
+            _FIELD.reset(token)
 
 
 Factory = Callable[[Spec, TransformContext], tuple[Convert, Convert]]
@@ -391,7 +399,8 @@ def _decimal(spec: Spec, context: TransformContext) -> tuple[Convert, Convert]:
             raise Unmappable(f"more than {precision - scale} integer digits")
         if rounded != number:
             logger.info("decimal rounded", extra={
-                "value": str(number), "rounded": str(rounded), "scale": scale,
+                "field": _FIELD.get(), "value": str(number), "rounded": str(rounded),
+                "scale": scale,
             })  # fmt: skip
         return rounded
 

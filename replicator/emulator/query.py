@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from aiohttp import web
 from replicator.emulator import ids, soql
 from replicator.emulator.keys import SCHEMA_KEY, STATE_KEY
 from replicator.emulator.rest import DATA_ROUTE, json_response, request_version
+from replicator.emulator.soql_ast import And, Comparison, InList, StringValue
 from replicator.emulator.values import ApiError
 
 __all__ = [
@@ -116,6 +117,49 @@ def _page(
     return body
 
 
+def _id_filter(condition: Any) -> list[str] | None:
+    """The ids a WHERE clause is limited to (``Id = x``, ``Id IN (...)``), if any."""
+    if isinstance(condition, And):
+        for operand in condition.operands:
+            found = _id_filter(operand)
+            if found is not None:
+                return found
+        return None
+    is_id = getattr(getattr(condition, "field", None), "path", None) == ("Id",)
+    if not is_id:
+        return None
+    if isinstance(condition, Comparison) and condition.op == "=":
+        values: tuple[Any, ...] = (condition.value,)
+    elif isinstance(condition, InList) and not condition.negated:
+        values = condition.values
+    else:
+        return None
+    if not all(isinstance(v, StringValue) for v in values):
+        return None
+    return [str(v.value) for v in values]
+
+
+def _candidates(
+    query: Any, state: Any, obj: Any, include_deleted: bool
+) -> Iterable[Mapping[str, Any]]:
+    """The records the query can match: looked up by id when the WHERE names ids.
+
+    The full WHERE clause is still evaluated on them; this only avoids a scan.
+    """
+    wanted = _id_filter(query.where)
+    if wanted is None:
+        records: Iterable[Mapping[str, Any]] = state.records(
+            obj.name, include_deleted=include_deleted
+        )
+        return records
+    found = []
+    for record_id in dict.fromkeys(wanted):
+        record = state.get(record_id, include_deleted=include_deleted)
+        if record is not None and record_id[:3] == obj.key_prefix:
+            found.append(record)
+    return found
+
+
 async def _run(request: web.Request, *, include_deleted: bool) -> web.Response:
     text = request.query.get("q")
     if not text:
@@ -128,7 +172,7 @@ async def _run(request: web.Request, *, include_deleted: bool) -> web.Response:
         rows = soql.execute(
             query,
             schema,
-            state.records(obj.name, include_deleted=include_deleted),
+            _candidates(query, state, obj, include_deleted),
             include_deleted=include_deleted,
             api_version=request_version(request),
         )

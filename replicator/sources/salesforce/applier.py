@@ -33,7 +33,7 @@ from replicator.store.mirror import MirrorStore, MirrorTable, TableChanges, quot
 logger = logging.getLogger(__name__)
 
 SF_SCHEMA = "sf"
-_SOQL_IDS = 200  # ids per "WHERE Id IN (...)" query
+_SOQL_IDS = 400  # ids per "WHERE Id IN (...)": about 8.5 kB of URL (limit 16 kB)
 
 
 def channel_for(object_name: str) -> str:

@@ -310,7 +310,10 @@ class ErpApplier:
                     # REPLICA IDENTITY FULL: the old row holds unchanged TOAST values
                     new = tuple(o if v is UNCHANGED else v for v, o in zip(new, msg.old, strict=True))
             values = new if route.positions is None else tuple(new[i] for i in route.positions)
-            changes.put(key_of(new), values)
+            if type(msg) is Insert:
+                changes.insert(key_of(new), values)
+            else:
+                changes.put(key_of(new), values)
         self._pending_rows += 1
         self._uncommitted_changes += 1
         return route, values

@@ -73,6 +73,8 @@ class TableChanges:
     rows: dict[tuple[Value, ...], tuple[str, tuple[Value, ...]]] = field(
         default_factory=dict
     )
+    # keys whose first change here was an insert: a plain COPY can add them
+    fresh: set[tuple[Value, ...]] = field(default_factory=set)
 
     def put(self, key: tuple[Value, ...], values: tuple[Value, ...]) -> None:
         if UNCHANGED not in values:
@@ -91,6 +93,17 @@ class TableChanges:
 
     def delete(self, key: tuple[Value, ...]) -> None:
         self.rows[key] = (OP_DELETE, ())
+
+    def insert(self, key: tuple[Value, ...], values: tuple[Value, ...]) -> None:
+        """Put a row the source inserted; a key first seen here is new to the replica.
+
+        Only for a replica that holds the source's state at the last checkpoint
+        and commits these changes with the next one: then a key whose first
+        change since is an insert cannot be in the mirror yet.
+        """
+        if key not in self.rows and UNCHANGED not in values:
+            self.fresh.add(key)
+        self.put(key, values)
 
 
 def _copy_field(value: Value) -> str:
@@ -137,6 +150,27 @@ def render_copy(changes: TableChanges) -> tuple[bytes, dict[tuple[int, ...], int
             and text.count("\n") == len(rows) and text.count("\t") == (width + 1) * len(rows)):
         return text.encode(), {}
     return _render_copy_escaped(changes)
+
+
+def render_rows(rows: list[tuple[Value, ...]], width: int) -> bytes:
+    """Render full rows as COPY text for the mirror table itself (no op columns)."""
+    lines: list[str] = []
+    nulls = 0
+    try:
+        for values in rows:
+            if None in values:
+                nulls += values.count(None)
+                values = tuple("\\N" if v is None else v for v in values)
+            lines.append("\t".join(values))  # type: ignore[arg-type]
+        text = "\n".join(lines) + "\n"
+        if (text.count("\\") == nulls and "\r" not in text
+                and text.count("\n") == len(rows)
+                and text.count("\t") == (width - 1) * len(rows)):
+            return text.encode()
+    except TypeError:  # a bytes value
+        pass
+    return "".join(
+        "\t".join(map(_copy_field, values)) + "\n" for values in rows).encode()
 
 
 def _render_copy_escaped(
@@ -292,6 +326,11 @@ class MirrorStore:
         if not changes.rows:
             return 0
         table = changes.table
+        touched = len(changes.rows)
+        if changes.fresh:
+            changes = await self._copy_fresh(changes)
+            if not changes.rows:
+                return touched
         staging = await self._staging_table(table)
         data, groups = render_copy(changes)
         await self.conn.copy_to_table(staging, source=_once(data), format="text")
@@ -319,7 +358,37 @@ class MirrorStore:
                     f"UPDATE {table.qualified} t SET {sets} FROM {staging} s "
                     f"WHERE s.op = 'P' AND s.grp = {group} AND {key_match}")
         await self.conn.execute(f"TRUNCATE {staging}")
-        return len(changes.rows)
+        return touched
+
+    async def _copy_fresh(self, changes: TableChanges) -> TableChanges:
+        """COPY rows new to the replica straight into the mirror; return the rest.
+
+        Saves the staging round trip and the ON CONFLICT probe for most inserts.
+        A savepoint keeps a wrong guess cheap: if a key was there after all,
+        every change goes through the merge instead.
+        """
+        table, fresh = changes.table, changes.fresh
+        direct: list[tuple[Value, ...]] = []
+        rest: dict[tuple[Value, ...], tuple[str, tuple[Value, ...]]] = {}
+        for key, row in changes.rows.items():
+            if row[0] is OP_UPSERT and key in fresh:
+                direct.append(row[1])
+            else:
+                rest[key] = row
+        if not direct:
+            return changes
+        await self.conn.execute("SAVEPOINT replicator_fresh_rows")
+        try:
+            await self.conn.copy_to_table(
+                table.name, schema_name=table.schema, columns=table.columns,
+                source=_once(render_rows(direct, len(table.columns))), format="text")
+        except asyncpg.UniqueViolationError:
+            await self.conn.execute("ROLLBACK TO SAVEPOINT replicator_fresh_rows")
+            logger.warning("inserted rows already in the mirror, merging them",
+                           extra={"table": table.name})
+            return TableChanges(table, changes.rows)
+        await self.conn.execute("RELEASE SAVEPOINT replicator_fresh_rows")
+        return TableChanges(table, rest)
 
     async def truncate(self, table: MirrorTable) -> None:
         # DELETE, not TRUNCATE: BI readers keep reading the old rows until commit.

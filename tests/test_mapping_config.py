@@ -1,4 +1,4 @@
-"""The [[entities]] and [sync] settings: parsed, and refused with the key and the fix."""
+"""The [[entities]] and [sync] settings: parsed, or refused naming key and fix."""
 
 from __future__ import annotations
 
@@ -195,7 +195,9 @@ def test_same_object_in_two_entities_is_refused() -> None:
 
     message = _error(data)
 
-    assert "entities: entities[].salesforce 'Account' appears in two entities" in message
+    assert (
+        "entities: entities[].salesforce 'Account' appears in two entities" in message
+    )
 
 
 def test_unknown_key_in_an_entity_is_refused() -> None:

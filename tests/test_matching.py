@@ -67,7 +67,11 @@ def test_normaliser_is_chosen_by_field_name_or_explicitly() -> None:
 def test_one_candidate_is_a_single_match() -> None:
     record = {"company_name": "Alfreds Futterkiste", "postal_code": "12209"}
     candidates = [
-        {"id": "001A", "company_name": "ALFREDS FUTTERKISTE GmbH", "postal_code": "12209"},
+        {
+            "id": "001A",
+            "company_name": "ALFREDS FUTTERKISTE GmbH",
+            "postal_code": "12209",
+        },
         {"id": "001B", "company_name": "Alfreds Futterkiste", "postal_code": "12208"},
     ]
 
@@ -81,8 +85,16 @@ def test_one_candidate_is_a_single_match() -> None:
 def test_two_candidates_are_many() -> None:
     record = {"company_name": "Alfreds Futterkiste", "postal_code": "12209"}
     candidates = [
-        {"id": "001A", "company_name": "ALFREDS FUTTERKISTE GmbH", "postal_code": "12209"},
-        {"id": "001C", "company_name": "Alfreds Futterkiste Ltd", "postal_code": "122 09"},
+        {
+            "id": "001A",
+            "company_name": "ALFREDS FUTTERKISTE GmbH",
+            "postal_code": "12209",
+        },
+        {
+            "id": "001C",
+            "company_name": "Alfreds Futterkiste Ltd",
+            "postal_code": "122 09",
+        },
     ]
 
     result = match(record, candidates, [COMPANY_POSTAL])
@@ -107,7 +119,7 @@ def test_rules_are_tried_in_order_and_skip_missing_fields() -> None:
     record: dict[str, Any] = {
         "company_name": "Alfreds", "postal_code": None, "email": "Maria@Alfreds.de",
     }  # fmt: skip
-    candidates = [
+    candidates: list[dict[str, Any]] = [
         {"id": "1", "company_name": "Alfreds", "postal_code": None, "email": "x@y.z"},
         {"id": "2", "company_name": "Other", "email": "maria@alfreds.de"},
     ]
@@ -121,7 +133,7 @@ def test_rules_are_tried_in_order_and_skip_missing_fields() -> None:
 
 def test_empty_values_never_match_each_other() -> None:
     record = {"phone": "n/a"}
-    candidates = [{"phone": None}, {"phone": "--"}]
+    candidates: list[dict[str, Any]] = [{"phone": None}, {"phone": "--"}]
 
     assert match(record, candidates, [PHONE]).kind == "none"
 

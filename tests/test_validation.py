@@ -9,7 +9,12 @@ import pytest
 
 from replicator.mapping import validation
 from replicator.mapping.config import ValidateRule
-from replicator.mapping.validation import Violation, compile_rule, register_rule, validate
+from replicator.mapping.validation import (
+    Violation,
+    compile_rule,
+    register_rule,
+    validate,
+)
 
 
 def _rules(*pairs: tuple[str, str]) -> list[ValidateRule]:
@@ -50,7 +55,12 @@ def test_valid_record_has_no_violations() -> None:
         ("discount", "range(0,1)", "lots", "not a finite number"),
         ("discount", "range(0,1)", float("nan"), "not a finite number"),
         ("stock", "range(0,)", -1, "outside range(0,)"),
-        ("rating", "picklist(Hot, Warm, Cold)", "Tepid", "not one of the picklist values"),
+        (
+            "rating",
+            "picklist(Hot, Warm, Cold)",
+            "Tepid",
+            "not one of the picklist values",
+        ),
         ("customer_id", "regex(^[A-Z]{5}$)", "alfki", "does not match ^[A-Z]{5}$"),
         ("city", "max_length(15)", "Frankfurt am Main", "longer than 15 characters"),
     ],

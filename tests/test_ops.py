@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -387,3 +388,67 @@ async def test_salesforce_streams_are_ready_and_counted_per_object(
     stream = (("stream", "sf:/data/AccountChangeEvent"),)
     assert values[("replicator_stream_up", stream)] == 1
     assert ("replicator_checkpoint_age_seconds", stream) in values
+
+
+async def test_webhook_hears_a_stream_go_down_and_come_back(erp_case: ErpCase) -> None:
+    """The ERP's walsender is killed under a running daemon: the webhook receives
+    the stream going down and streaming again, and the reconnect is counted."""
+    erp = await asyncpg.connect(erp_case.erp_dsn)
+    await erp.execute(SCHEMA)
+    async with receiver() as (url, received):
+        settings = erp_case.settings().model_copy(
+            update={
+                "ops": parse(
+                    {
+                        "replica": {"dsn": "x"},
+                        "ops": {
+                            "listen": "",
+                            "sample_seconds": 0.1,
+                            "webhook_url_env": "TEST_OPS_HOOK",
+                        },
+                    }
+                ).ops
+            }
+        )
+        os.environ["TEST_OPS_HOOK"] = url
+        stop = asyncio.Event()
+        daemon = Daemon(settings, stop)
+        task = asyncio.create_task(daemon.serve())
+        try:
+
+            def states() -> list[str]:
+                return [r["state"] for r in received if r["event"] == "stream_state"]
+
+            await wait_for(
+                lambda: asyncio.sleep(0, "streaming" in states()),
+                timeout=30,
+                what="streaming notice",
+            )
+            await erp.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE slot_name = $1",
+                erp_case.slot,
+            )
+            await wait_for(
+                lambda: asyncio.sleep(0, states().count("streaming") >= 2),
+                timeout=30,
+                what="streaming again",
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            del os.environ["TEST_OPS_HOOK"]
+            await erp.close()
+
+    seen = states()
+    first = seen.index("streaming")
+    assert seen[first : first + 3] == ["streaming", "down", "streaming"]
+    assert daemon.metrics.totals.reconnects["erp"] >= 1
+    assert all(r["event"] != "stream_state" or "stream" in r for r in received)
+
+
+def test_ops_package_exports_what_it_names() -> None:
+    import replicator.ops as ops
+
+    assert all(hasattr(ops, name) for name in ops.__all__)
+    assert sorted(ops.__all__) == ops.__all__

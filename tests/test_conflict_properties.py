@@ -21,12 +21,15 @@ from replicator.conflict import (
     EntityRule,
     FieldRule,
     FieldState,
+    PendingWrite,
     Resolution,
     UnifiedState,
     Version,
     canonical_value,
     delete_effect,
     resolve,
+    split_echoes,
+    values_equal,
 )
 
 T0 = datetime(2024, 6, 4, 12, 0, 0, tzinfo=UTC)
@@ -200,3 +203,54 @@ def test_resolution_is_idempotent_and_accepts_only_semantic_changes(
         assert set(again.conflicts) <= set(first.conflicts)
         assert again.enforce.items() <= first.enforce.items()
         assert set(first.accepted) == changed
+
+
+@st.composite
+def echo_cases(draw: st.DrawFn) -> tuple[dict[str, Any], list[PendingWrite]]:
+    names = ["phone", "attributes"]
+    writes = [
+        PendingWrite(
+            "salesforce",
+            "C-1001",
+            name,
+            draw(
+                st.sampled_from(JSON_VALUES if name == "attributes" else PLAIN_VALUES)
+            ),
+            T0 + timedelta(milliseconds=i),
+        )
+        for i, name in enumerate(draw(st.lists(st.sampled_from(names), max_size=5)))
+    ]
+    fields = draw(
+        st.dictionaries(
+            st.sampled_from(names), st.sampled_from(PLAIN_VALUES + JSON_VALUES)
+        )
+    )
+    return fields, draw(st.permutations(writes))
+
+
+@settings(max_examples=100, deadline=None)
+@given(echo_cases())
+def test_echo_split_matches_any_pending_value_in_any_order(
+    case: tuple[dict[str, Any], list[PendingWrite]],
+) -> None:
+    """A field is an echo iff some pending write to it has an equal value."""
+    fields, pending = case
+    json_fields = {"attributes"}
+
+    genuine, settled = split_echoes(fields, pending, json_fields=json_fields)
+    again = split_echoes(fields, list(reversed(pending)), json_fields=json_fields)
+
+    for name, value in fields.items():
+        matches = sorted(
+            (
+                w
+                for w in pending
+                if w.field == name
+                and values_equal(w.value, value, json=name in json_fields)
+            ),
+            key=lambda w: w.written_at,
+        )
+        assert (name in genuine) == (not matches)
+        assert not matches or matches[0] in settled
+    assert {w.field for w in settled} <= set(fields) - set(genuine)
+    assert again == (genuine, settled)

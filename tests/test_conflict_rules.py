@@ -190,6 +190,12 @@ def test_rule_with_owner_outside_its_sources_is_refused() -> None:
         EntityRule("x", {"a": FieldRule("a", owner="sap")}, None, "mark")
 
 
+def test_one_way_entity_keeps_the_default_precedence() -> None:
+    rule = EntityRule("price_list", {}, "erp", "propagate", sources=("erp",))
+
+    assert rule.precedence == ("erp", "salesforce")
+
+
 def test_change_from_unknown_source_is_an_invariant_error() -> None:
     change = Change("sap", "upsert", {"name": "x"}, Version(T0, "sap", "1"))
 

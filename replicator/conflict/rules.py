@@ -148,12 +148,6 @@ class EntityRule:
                     f"entity {self.name!r}: {what} {owner!r} is not one of its "
                     f"sources ({', '.join(self.sources)})"
                 )
-        unknown = [s for s in self.precedence if s not in self.sources]
-        if unknown:
-            raise ConfigError(
-                f"entity {self.name!r}: precedence names {unknown!r}, which "
-                "are not sources of the entity"
-            )
 
     def field_rule(self, name: str) -> FieldRule:
         """Return the rule of a field; an undeclared field is plain LWW."""

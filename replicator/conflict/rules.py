@@ -58,8 +58,11 @@ whether a discard is a conflict at all: with ``a@1, a@2, b@3`` in version order
 only ``a@2`` is discarded (``a@1`` was replaced by an equal value), while
 ``a@1, b@3, a@2`` discards both; and a non-owner's value equal to the owner's
 current value is no conflict, but is one once the owner has moved on. A
-replayed change that loses is logged again; the set is unchanged. The final
-state, and the kept/rule columns of any one row, describe that arrival.
+replayed change that loses is logged again; the set is unchanged. The kept
+value and the rule of any one row describe that arrival. Replacements are
+logged because an order-independent log needs them (an older value arriving
+late is a discard), so a source's own successive edits appear too (kept and
+discarded source equal); a reader may hide those rows.
 """
 
 from __future__ import annotations

@@ -94,6 +94,11 @@ async def prepared(case: ErpCase) -> AsyncIterator[None]:
     yield
 
 
+def send(daemon: Daemon, signum: int) -> None:
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signum)
+
+
 def log_events(daemon: Daemon, run: int | None = None) -> list[str]:
     return [r.get("event", "") for r in daemon.records(run)]
 
@@ -129,7 +134,8 @@ async def wait_log(
             raise AssertionError(f"daemon exited before {event!r}:\n{daemon.output()}")
         return None
 
-    return await wait_for(seen, timeout=within, what=f"log {event!r}")
+    record: dict[str, Any] = await wait_for(seen, timeout=within, what=f"log {event!r}")
+    return record
 
 
 async def ops_port(daemon: Daemon) -> int:
@@ -184,11 +190,13 @@ async def test_sigterm_mid_stream_drains_commits_acknowledges_and_exits_0(
             await wait_streaming(erp_case)
             await asyncio.sleep(0.5)
 
-            daemon.proc.send_signal(signal.SIGTERM)
+            send(daemon, signal.SIGTERM)
             code = await daemon.wait(30)
             await writer.stop()
             stored = await checkpoint_lsn(erp_case.replica_dsn)
-            confirmed = (await slot_row(erp_case.erp_dsn, erp_case.slot))["confirmed"]
+            slot = await slot_row(erp_case.erp_dsn, erp_case.slot)
+            assert slot is not None
+            confirmed = slot["confirmed"]
             count, top = await _mirror_extent(erp_case.replica_dsn)
             await restart_until_caught_up(daemon)
         finally:
@@ -240,10 +248,10 @@ async def test_second_sigint_exits_at_once_and_a_restart_loses_nothing(
             await replica.execute(SLOW_APPLY)
             await asyncio.sleep(1.0)  # the applier is now inside a slow statement
 
-            daemon.proc.send_signal(signal.SIGINT)
+            send(daemon, signal.SIGINT)
             await wait_log(daemon, "stop requested", within=10)
             started = time.monotonic()
-            daemon.proc.send_signal(signal.SIGINT)
+            send(daemon, signal.SIGINT)
             code = await daemon.wait(10)
             elapsed = time.monotonic() - started
             await replica.execute("DROP TRIGGER slow_apply ON erp.ledger")
@@ -279,7 +287,7 @@ async def test_drain_past_the_deadline_is_cancelled_naming_the_task(
             await replica.execute(SLOW_APPLY)
             await asyncio.sleep(1.0)
 
-            daemon.proc.send_signal(signal.SIGTERM)
+            send(daemon, signal.SIGTERM)
             code = await daemon.wait(20)
             await replica.execute("DROP TRIGGER slow_apply ON erp.ledger")
             await replica.close()
@@ -336,7 +344,7 @@ async def test_standby_waits_then_takes_over_when_the_active_instance_is_killed(
             await wait_for(ready, timeout=60, what="the new active instance ready")
             await writer.stop()
             await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn, timeout=60)
-            second.proc.send_signal(signal.SIGTERM)
+            send(second, signal.SIGTERM)
             code = await second.wait(30)
         finally:
             first.close()
@@ -403,7 +411,7 @@ async def test_lost_lock_goes_back_to_standby_and_resumes_by_default(
             await wait_for(reacquired, timeout=30, what="the lock taken again")
             await writer.stop()
             await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn, timeout=60)
-            daemon.proc.send_signal(signal.SIGTERM)
+            send(daemon, signal.SIGTERM)
             code = await daemon.wait(30)
         finally:
             daemon.close()
@@ -486,7 +494,7 @@ async def test_logs_never_carry_a_password_token_or_full_dsn(
         daemon.start()
         await wait_log(daemon, "stream state changed", within=60)
         await asyncio.sleep(1.0)  # a few samples, notices and their failures
-        daemon.proc.send_signal(signal.SIGTERM)
+        send(daemon, signal.SIGTERM)
         code = await daemon.wait(30)
     stdout = "\n".join(p.read_text() for p in daemon.logs)
 

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -390,7 +390,9 @@ async def test_request_limit_exceeded_backs_off_without_reauthenticating(
 
     rows = await outbox(org.replica)
     assert {rows[i]["status"] for i in ids} == {"done"}
-    assert {rows[i]["attempts"] for i in ids} == {4}
+    assert {rows[i]["attempts"] for i in ids} == {4}, [
+        (r.method, r.path, r.time) for r in org.served.faults.requests
+    ]
     assert org.served.faults.matching("POST", "/oauth2/token") == []
     patches = org.calls()
     assert len(patches) == 4

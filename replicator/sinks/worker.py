@@ -138,6 +138,9 @@ class _Target:
     resolve: Callable[[OutboxRow], Any]
     backoff: Backoff
     paused_until: float = 0.0
+    # When the last sink call answered: rows retried in one round share
+    # their next try, so they are claimed together again.
+    answered_at: float = 0.0
     deferred: dict[int, float] = field(default_factory=dict)  # row id -> not before
 
 
@@ -249,6 +252,7 @@ class OutboxWorker:
             groups = _coalesce(rows)
             writes = [g for g in groups if self._resolve(target, g)]
             results = await target.write([g.write for g in writes]) if writes else []
+            target.answered_at = _now()
             retried = await self._mark(target, groups, results)
         if retried:
             self._pause(target, retried)
@@ -334,7 +338,7 @@ class OutboxWorker:
             await self.conn.executemany(_MARK_RETRY, [(i, answer, error) for i in ids])
             delay = min(self.retry_cap, self.retry_initial * 2 ** (last.attempts + 1))
             for i in ids:
-                target.deferred[i] = _now() + delay
+                target.deferred[i] = target.answered_at + delay
             logger.warning("outbox write will be retried", extra=extra)
             return
         await self.conn.executemany(_MARK_FAILED, [(i, answer, error) for i in ids])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime as dt
 import logging
 import operator
 import pickle
@@ -50,6 +51,7 @@ from replicator.sources.erp.pgoutput import (
 )
 from replicator.store import checkpoints
 from replicator.store.checkpoints import Checkpoint
+from replicator.unified import SyncEngine
 from replicator.store.mirror import MirrorStore, MirrorTable, TableChanges, mirror_name
 
 logger = logging.getLogger(__name__)
@@ -156,9 +158,10 @@ class ErpApplier:
         self, store: MirrorStore, catalog: Catalog, source: SourceInfo,
         checkpoint_lsn: int, *, batch_changes: int = 20_000,
         confirm: Callable[[int], None] = lambda lsn: None,
-        own_origin: str | None = None,
+        own_origin: str | None = None, sync: SyncEngine | None = None,
     ) -> None:
         self.store = store
+        self.sync = sync
         self.catalog = catalog
         self.source = source
         self.checkpoint_lsn = checkpoint_lsn
@@ -439,9 +442,26 @@ class ErpApplier:
                 continue
             await self._ensure_tx()
             self.stats.by_table[name] = self.stats.by_table.get(name, 0) + len(changes.rows)
-            await self.store.apply(changes)
+            if self.sync is not None and self.sync.watches("erp", name):
+                await self._apply_mapped(name, changes)
+            else:
+                await self.store.apply(changes)
         if only is None:
             self._pending_rows = 0
+
+    async def _apply_mapped(self, name: str, changes: TableChanges) -> None:
+        """Apply a mapped table's changes and hand what they changed to resolution."""
+        assert self.sync is not None
+        conn = self.store.conn
+        keys = list(changes.rows)
+        before = await self.sync.snapshot(conn, changes.table, keys)
+        await self.store.apply(changes)
+        after = await self.sync.snapshot(conn, changes.table, keys)
+        # The batch's latest source commit time stands for each of its keys.
+        when = dt.datetime.fromtimestamp(self._source_commit_time or time.time(), dt.UTC)
+        await self.sync.on_rows(conn, "erp", name, before, after,
+                                dict.fromkeys(set(before) | set(after), when),
+                                lsn_to_str(self._uncommitted_end or self.checkpoint_lsn))
 
     async def commit(self) -> bool:
         """Commit every whole source transaction received so far; confirm its LSN.

@@ -226,12 +226,17 @@ class Daemon:
     def _helpers(
         self, tg: asyncio.TaskGroup, pipelines: dict[str, Any], stop: asyncio.Event
     ) -> list[asyncio.Task[Any]]:
-        if not self.until_caught_up or "salesforce" not in pipelines:
-            return []
-        sf = pipelines["salesforce"][1]
-        return [
-            tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet")
-        ]
+        helpers = []
+        if self.settings.entities:
+            # write-backs are idempotent: cancelling mid-write repeats it later
+            from replicator.sinks.runner import run_outbox
+
+            helpers.append(tg.create_task(run_outbox(self.settings, stop), name="sink:outbox"))
+        if self.until_caught_up and "salesforce" in pipelines:
+            sf = pipelines["salesforce"][1]
+            helpers.append(
+                tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet"))
+        return helpers
 
     async def _drain(self, tasks: list[asyncio.Task[Any]]) -> None:
         deadline = self.settings.daemon.shutdown_seconds

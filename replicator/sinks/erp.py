@@ -224,6 +224,17 @@ class ErpSink:
         cols = list(row)
         col_list = ", ".join(quote_ident(c) for c in cols)
         keys = ", ".join(quote_ident(c) for c in key)
+        changing = [c for c in cols if c not in key]
+        if changing:
+            # An existing row first: a partial row would fail NOT NULL checks
+            # in the INSERT even though ON CONFLICT would have updated it.
+            where = " AND ".join(f"t.{quote_ident(c)} = r.{quote_ident(c)}" for c in key)
+            sets = ", ".join(f"{quote_ident(c)} = r.{quote_ident(c)}" for c in changing)
+            updated = await self.conn.execute(
+                f"UPDATE {table} t SET {sets} FROM json_populate_record(NULL::{table}, "
+                f"$1::json) r WHERE {where}", _json(row))
+            if updated != "UPDATE 0":
+                return {"key": _key_text(key), "created": False}
         updates = ", ".join(
             f"{quote_ident(c)} = excluded.{quote_ident(c)}"
             for c in cols

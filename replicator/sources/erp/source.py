@@ -18,6 +18,7 @@ import time
 import asyncpg
 
 from replicator.backoff import retry_until_stopped
+from replicator.unified import sync_engine
 from replicator.applier import ApplyStats, ErpApplier, SourceInfo
 from replicator.config import Settings
 from replicator.errors import (
@@ -100,10 +101,11 @@ class ErpPipeline:
                 self._target_lsn = await self._current_lsn(erp)
             ddl = await _connect(self.settings.replica.resolve(), "replica")
             store = MirrorStore(replica, self.erp_settings.stream, ddl)
+            sync = await sync_engine(self.settings, replica)
             self.applier = ErpApplier(
                 store, Catalog(erp), source, start_lsn,
                 batch_changes=self.settings.apply.batch_changes, confirm=stream.confirm,
-                own_origin=self.erp_settings.origin)
+                own_origin=self.erp_settings.origin, sync=sync)
             self.applier.stats = self.stats
             self.ready.set()
             await self._stream(stream, erp, start_lsn, stop, until_caught_up)

@@ -28,6 +28,7 @@ from replicator.sources.salesforce.rest import RestClient
 from replicator.sources.salesforce.schema import ObjectShape, shape_of, to_text
 from replicator.store import checkpoints
 from replicator.store.checkpoints import Checkpoint
+from replicator.unified import SyncEngine
 from replicator.store.mirror import MirrorStore, MirrorTable, TableChanges, quote_ident
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ class SfApplier:
     """Mirror Salesforce objects into schema ``sf`` of the replica."""
 
     def __init__(self, store: MirrorStore, rest: RestClient, *, stream_prefix: str = "sf",
-                 skew: dt.timedelta = dt.timedelta(minutes=5)) -> None:
+                 skew: dt.timedelta = dt.timedelta(minutes=5),
+                 sync: SyncEngine | None = None) -> None:
         self.store = store
+        self.sync = sync
         self.rest = rest
         self.stream_prefix = stream_prefix
         self.skew = skew
@@ -241,6 +244,10 @@ class SfApplier:
                                     reason="fields added to the org")
         shape, table = state.shape, state.table
         columns = {f.api_name: i for i, f in enumerate(shape.fields)}
+        mapped = self.sync is not None and self.sync.watches("salesforce", shape.object_name)
+        before = (await self.sync.snapshot(self.store.conn, table,
+                                           [(c.record_id,) for c in group])
+                  if mapped and self.sync is not None else {})
         stored = await self._modstamps(state, {c.record_id for c in group})
         changes = TableChanges(table)
         refetch: set[str] = set()
@@ -307,6 +314,22 @@ class SfApplier:
             await self._refresh_calculated(state, refresh - refetch)
         if overflow is not None:
             await self.catch_up(shape.object_name, overflow.commit_time, reason="GAP_OVERFLOW")
+        if mapped and self.sync is not None:
+            await self._resolve(state, group, before)
+
+    async def _resolve(self, state: _ObjectState, group: list[RecordChange],
+                       before: dict[str, dict[str, Any]]) -> None:
+        """Hand what this batch changed in a mapped object's mirror to resolution."""
+        assert self.sync is not None
+        after = await self.sync.snapshot(self.store.conn, state.table,
+                                         [(c.record_id,) for c in group])
+        times: dict[str, dt.datetime] = {}
+        for change in group:
+            if change.record_id not in times or change.commit_time > times[change.record_id]:
+                times[change.record_id] = change.commit_time
+        position = str(max(c.replay_id for c in group))
+        await self.sync.on_rows(self.store.conn, "salesforce", state.shape.object_name,
+                                before, after, times, position)
 
     async def _apply_diffs(self, state: _ObjectState, change: RecordChange, row: list[Any],
                            columns: dict[str, int], pending: TableChanges) -> bool:

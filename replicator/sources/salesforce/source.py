@@ -27,6 +27,7 @@ from replicator.backoff import retry_until_stopped
 from replicator.config import SalesforceSettings, Settings
 from replicator.errors import ConfigError, ReplicatorError, first_error, StoreConnectionError, StoreError
 from replicator.sources.erp.snapshot import SESSION_SETTINGS
+from replicator.unified import sync_engine
 from replicator.sources.salesforce.applier import SfApplier
 from replicator.sources.salesforce.cdc import CompoundMap, MalformedEvent, RecordChange, parse_message
 from replicator.sources.salesforce.rest import RestClient
@@ -91,7 +92,8 @@ class SalesforcePipeline:
                 await create_schema(replica)
                 store = MirrorStore(replica, self.cfg.stream_prefix, schema="sf")
                 self.applier = SfApplier(store, rest, stream_prefix=self.cfg.stream_prefix,
-                                         skew=dt.timedelta(seconds=self.cfg.skew_seconds))
+                                         skew=dt.timedelta(seconds=self.cfg.skew_seconds),
+                                         sync=await sync_engine(self.settings, replica))
                 await self._prepare(replica)
                 await self._stream(auth, stop)
         except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:

@@ -41,12 +41,16 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from replicator.pgserver import TempPostgres  # noqa: E402
+from replicator.pgserver import TempPostgres
 
 TX_ROWS = 100  # 60 inserts, 30 updates, 10 deletes
 PUBLICATION = "bench_pub"
-RENDER = {"TimeZone": "UTC", "DateStyle": "ISO", "IntervalStyle": "postgres",
-          "extra_float_digits": "3"}
+RENDER = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "3",
+}
 
 SOURCE_DDL = """
 CREATE TABLE order_lines (
@@ -70,8 +74,10 @@ BEGIN
 END $$;
 """
 
-CHECKSUM = ("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text "
-            "FROM {table} t")
+CHECKSUM = (
+    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text "
+    "FROM {table} t"
+)
 
 
 def rss_kb(pid: int | str = "self") -> dict[str, int]:
@@ -144,13 +150,16 @@ async def wait_marker(dsn: str, table: str, marker: int, limit: float = 600) -> 
         await conn.close()
 
 
-async def sample_lag(dsn: str, table: str, work: Workload, done: asyncio.Event,
-                     samples: list[float]) -> None:
+async def sample_lag(
+    dsn: str, table: str, work: Workload, done: asyncio.Event, samples: list[float]
+) -> None:
     """Age of the oldest committed but unapplied transaction, every 20 ms."""
     conn = await asyncpg.connect(dsn)
     try:
         while not done.is_set():
-            applied_ids = await conn.fetchval(f"SELECT coalesce(max(id), 0) FROM {table}")
+            applied_ids = await conn.fetchval(
+                f"SELECT coalesce(max(id), 0) FROM {table}"
+            )
             now = time.monotonic()
             applied = applied_ids // 60  # transaction t inserts ids up to 60(t+1)
             committed = len(work.commits)
@@ -163,15 +172,23 @@ async def sample_lag(dsn: str, table: str, work: Workload, done: asyncio.Event,
 class Ours:
     """``ErpPipeline`` in a child process (this file with ``--child``)."""
 
-    def __init__(self, erp_dsn: str, replica_dsn: str, slot: str, *, follow: bool) -> None:
-        self.args = json.dumps({"erp": erp_dsn, "replica": replica_dsn, "slot": slot,
-                                "follow": follow})
+    def __init__(
+        self, erp_dsn: str, replica_dsn: str, slot: str, *, follow: bool
+    ) -> None:
+        self.args = json.dumps(
+            {"erp": erp_dsn, "replica": replica_dsn, "slot": slot, "follow": follow}
+        )
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--child", self.args,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            sys.executable,
+            __file__,
+            "--child",
+            self.args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
         assert self.proc.stdout is not None
         line = await self.proc.stdout.readline()
         if line.strip() != b"READY":
@@ -192,11 +209,17 @@ def child(args: dict[str, Any]) -> None:
     from replicator.config import parse
     from replicator.sources.erp.source import ErpPipeline
 
-    settings = parse({
-        "replica": {"dsn": args["replica"]},
-        "erp": {"database": {"dsn": args["erp"]}, "slot": args["slot"],
-                "publication": PUBLICATION, "create_publication": False},
-    })
+    settings = parse(
+        {
+            "replica": {"dsn": args["replica"]},
+            "erp": {
+                "database": {"dsn": args["erp"]},
+                "slot": args["slot"],
+                "publication": PUBLICATION,
+                "create_publication": False,
+            },
+        }
+    )
 
     gc_time = [0.0, 0.0]
 
@@ -215,7 +238,8 @@ def child(args: dict[str, Any]) -> None:
             loop = asyncio.get_running_loop()
             reader = asyncio.StreamReader()
             await loop.connect_read_pipe(
-                lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+                lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+            )
 
             async def on_eof() -> None:
                 await reader.read()
@@ -234,7 +258,9 @@ def child(args: dict[str, Any]) -> None:
                 super().set()
 
         pipeline.ready = Ready()
-        run = asyncio.create_task(pipeline.run(stop, until_caught_up=not args["follow"]))
+        run = asyncio.create_task(
+            pipeline.run(stop, until_caught_up=not args["follow"])
+        )
         ready = asyncio.create_task(pipeline.ready.wait())
         await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
         if not marks:
@@ -245,11 +271,15 @@ def child(args: dict[str, Any]) -> None:
         end, cpu_end = time.perf_counter(), os.times()
         if args["follow"]:
             eof.cancel()
-        return {"seconds": end - start, "changes": stats.changes,
-                "batches": stats.batches, "gc_seconds": round(gc_time[0], 3),
-                "rss_ready_kb": at_ready["VmRSS"],
-                "peak_rss_kb": rss_kb()["VmHWM"],
-                "cpu_seconds": (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system)}
+        return {
+            "seconds": end - start,
+            "changes": stats.changes,
+            "batches": stats.batches,
+            "gc_seconds": round(gc_time[0], 3),
+            "rss_ready_kb": at_ready["VmRSS"],
+            "peak_rss_kb": rss_kb()["VmHWM"],
+            "cpu_seconds": (cpu_end.user - cpu.user) + (cpu_end.system - cpu.system),
+        }
 
     try:
         import uvloop
@@ -272,7 +302,8 @@ class Native:
         await conn.execute(
             f"CREATE SUBSCRIPTION {self.name} CONNECTION '{self.erp_dsn}' "
             f"PUBLICATION {PUBLICATION} WITH (copy_data = false, "
-            f"enabled = {str(enabled).lower()})")
+            f"enabled = {str(enabled).lower()})"
+        )
         await conn.close()
 
     async def wait_streaming(self) -> None:
@@ -282,22 +313,26 @@ class Native:
             async with asyncio.timeout(30):
                 while not await conn.fetchval(
                     "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 "
-                    "AND state = 'streaming'", self.name):
+                    "AND state = 'streaming'",
+                    self.name,
+                ):
                     await asyncio.sleep(0.02)
         finally:
             await conn.close()
 
     async def set_enabled(self, enabled: bool) -> None:
         conn = await asyncpg.connect(self.replica_dsn)
-        await conn.execute(f"ALTER SUBSCRIPTION {self.name} "
-                           f"{'ENABLE' if enabled else 'DISABLE'}")
+        await conn.execute(
+            f"ALTER SUBSCRIPTION {self.name} {'ENABLE' if enabled else 'DISABLE'}"
+        )
         await conn.close()
 
     async def worker_peak_rss_kb(self) -> int:
         conn = await asyncpg.connect(self.replica_dsn)
         pid = await conn.fetchval(
             "SELECT pid FROM pg_stat_subscription WHERE subname = $1 AND relid IS NULL",
-            self.name)
+            self.name,
+        )
         await conn.close()
         return rss_kb(pid)["VmHWM"] if pid else 0
 
@@ -343,8 +378,9 @@ class Bench:
         await self._admin(self.erp, f"CREATE DATABASE {name}")
         conn = await asyncpg.connect(self.erp.dsn(name))
         await conn.execute(SOURCE_DDL + GENERATOR)
-        await conn.execute(f"CREATE PUBLICATION {PUBLICATION} "
-                           "FOR TABLE order_lines, bench_marker")
+        await conn.execute(
+            f"CREATE PUBLICATION {PUBLICATION} FOR TABLE order_lines, bench_marker"
+        )
         await conn.close()
         return self.erp.dsn(name)
 
@@ -364,8 +400,11 @@ class Bench:
 
     async def drop_slot(self, erp_dsn: str, slot: str) -> None:
         conn = await asyncpg.connect(erp_dsn)
-        await conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM "
-                           "pg_replication_slots WHERE slot_name = $1", slot)
+        await conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM "
+            "pg_replication_slots WHERE slot_name = $1",
+            slot,
+        )
         await conn.close()
 
     async def verify(self, erp_dsn: str, target_dsn: str, table: str) -> int:
@@ -376,7 +415,9 @@ class Bench:
         await src.close()
         await dst.close()
         if tuple(expected) != tuple(got):
-            raise AssertionError(f"{target_dsn} {table}: {tuple(got)} != {tuple(expected)}")
+            raise AssertionError(
+                f"{target_dsn} {table}: {tuple(got)} != {tuple(expected)}"
+            )
         return int(expected[0])
 
     async def backlog(self, changes: int, *, native_too: bool = True) -> list[Result]:
@@ -398,17 +439,31 @@ class Bench:
             rss = await native.worker_peak_rss_kb()
             await native.set_enabled(False)
             rows = await self.verify(erp, native.replica_dsn, "order_lines")
-            results.append(Result("native", changes, end - start, rss,
-                                  generator_rate=changes / work.seconds,
-                                  extra={"rows": rows}))
+            results.append(
+                Result(
+                    "native",
+                    changes,
+                    end - start,
+                    rss,
+                    generator_rate=changes / work.seconds,
+                    extra={"rows": rows},
+                )
+            )
 
         ours = Ours(erp, ours_dsn, f"ours_b{n}", follow=False)
         await ours.start()
         report = await ours.finish()
         rows = await self.verify(erp, ours_dsn, "erp.order_lines")
-        results.append(Result("ours", changes, report["seconds"], report["peak_rss_kb"],
-                              generator_rate=changes / work.seconds,
-                              extra={"rows": rows, **report}))
+        results.append(
+            Result(
+                "ours",
+                changes,
+                report["seconds"],
+                report["peak_rss_kb"],
+                generator_rate=changes / work.seconds,
+                extra={"rows": rows, **report},
+            )
+        )
 
         if native_too:
             await native.drop()
@@ -439,8 +494,9 @@ class Bench:
         sampler = asyncio.create_task(sample_lag(target, table, work, done, samples))
         start = time.monotonic()
         await generate(erp, work, marker=2)
-        end = await wait_marker(target, "bench_marker" if which == "native"
-                                else "erp.bench_marker", 2)
+        end = await wait_marker(
+            target, "bench_marker" if which == "native" else "erp.bench_marker", 2
+        )
         done.set()
         await sampler
 
@@ -451,12 +507,17 @@ class Bench:
             report = await ours.finish()
             rss, extra = report["peak_rss_kb"], report
         rows = await self.verify(erp, target, table)
-        result = Result(which, changes, end - start, rss,
-                        lag_max=max(samples, default=0.0),
-                        lag_mean=sum(samples) / len(samples) if samples else 0.0,
-                        catch_up=end - work.last_commit,
-                        generator_rate=changes / work.seconds,
-                        extra={"rows": rows, **extra})
+        result = Result(
+            which,
+            changes,
+            end - start,
+            rss,
+            lag_max=max(samples, default=0.0),
+            lag_mean=sum(samples) / len(samples) if samples else 0.0,
+            catch_up=end - work.last_commit,
+            generator_rate=changes / work.seconds,
+            extra={"rows": rows, **extra},
+        )
         if which == "native":
             await native.drop()
         else:
@@ -475,29 +536,38 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(title: str, rows: list[tuple[int, Result, Result]]) -> None:
     print(f"\n{title}")
-    head = (f"{'changes':>9} {'native/s':>10} {'ours/s':>10} {'ratio':>6} "
-            f"{'native RSS':>11} {'ours RSS':>9} {'gen/s':>8}")
+    head = (
+        f"{'changes':>9} {'native/s':>10} {'ours/s':>10} {'ratio':>6} "
+        f"{'native RSS':>11} {'ours RSS':>9} {'gen/s':>8}"
+    )
     lagged = rows and rows[0][2].lag_max is not None
     if lagged:
-        head += (f" {'lag max n/o (s)':>16} {'lag mean n/o (s)':>17} "
-                 f"{'catch-up n/o (s)':>17}")
+        head += (
+            f" {'lag max n/o (s)':>16} {'lag mean n/o (s)':>17} "
+            f"{'catch-up n/o (s)':>17}"
+        )
     print(head)
     print("-" * len(head))
     for size, nat, ours in rows:
-        line = (f"{size:>9,} {nat.rate:>10,.0f} {ours.rate:>10,.0f} "
-                f"{ours.rate / nat.rate:>6.2f} {nat.peak_rss_kb / 1024:>9.1f}MB "
-                f"{ours.peak_rss_kb / 1024:>7.1f}MB {_fmt(ours.generator_rate, ',.0f'):>8}")
+        line = (
+            f"{size:>9,} {nat.rate:>10,.0f} {ours.rate:>10,.0f} "
+            f"{ours.rate / nat.rate:>6.2f} {nat.peak_rss_kb / 1024:>9.1f}MB "
+            f"{ours.peak_rss_kb / 1024:>7.1f}MB {_fmt(ours.generator_rate, ',.0f'):>8}"
+        )
         if lagged:
-            line += (f" {_fmt(nat.lag_max, '.3f'):>7} / {_fmt(ours.lag_max, '.3f'):<6}"
-                     f" {_fmt(nat.lag_mean, '.3f'):>7} / {_fmt(ours.lag_mean, '.3f'):<7}"
-                     f" {_fmt(nat.catch_up, '.3f'):>7} / {_fmt(ours.catch_up, '.3f'):<7}")
+            line += (
+                f" {_fmt(nat.lag_max, '.3f'):>7} / {_fmt(ours.lag_max, '.3f'):<6}"
+                f" {_fmt(nat.lag_mean, '.3f'):>7} / {_fmt(ours.lag_mean, '.3f'):<7}"
+                f" {_fmt(nat.catch_up, '.3f'):>7} / {_fmt(ours.catch_up, '.3f'):<7}"
+            )
         print(line)
 
 
 async def run(sizes: list[int], million: bool, modes: set[str]) -> None:
     erp = TempPostgres(settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"})
-    replica = TempPostgres(settings={"max_wal_size": "4GB",
-                                     "checkpoint_timeout": "30min"})
+    replica = TempPostgres(
+        settings={"max_wal_size": "4GB", "checkpoint_timeout": "30min"}
+    )
     erp.start()
     replica.start()
     try:
@@ -507,18 +577,23 @@ async def run(sizes: list[int], million: bool, modes: set[str]) -> None:
             if "backlog" in modes:
                 nat, ours = await bench.backlog(size)
                 backlog_rows.append((size, nat, ours))
-                print(f"backlog {size:,}: native {nat.rate:,.0f}/s, ours "
-                      f"{ours.rate:,.0f}/s (ratio {ours.rate / nat.rate:.2f}; "
-                      f"ours cpu {ours.extra['cpu_seconds']:.1f}s, "
-                      f"{ours.extra['batches']} batches, rows {ours.extra['rows']:,})",
-                      flush=True)
+                print(
+                    f"backlog {size:,}: native {nat.rate:,.0f}/s, ours "
+                    f"{ours.rate:,.0f}/s (ratio {ours.rate / nat.rate:.2f}; "
+                    f"ours cpu {ours.extra['cpu_seconds']:.1f}s, "
+                    f"{ours.extra['batches']} batches, rows {ours.extra['rows']:,})",
+                    flush=True,
+                )
             if "concurrent" in modes:
                 nat = await bench.concurrent(size, "native")
                 ours = await bench.concurrent(size, "ours")
                 concurrent_rows.append((size, nat, ours))
-                print(f"concurrent {size:,}: native {nat.rate:,.0f}/s, ours "
-                      f"{ours.rate:,.0f}/s, catch-up {nat.catch_up:.3f}s / "
-                      f"{ours.catch_up:.3f}s", flush=True)
+                print(
+                    f"concurrent {size:,}: native {nat.rate:,.0f}/s, ours "
+                    f"{ours.rate:,.0f}/s, catch-up {nat.catch_up:.3f}s / "
+                    f"{ours.catch_up:.3f}s",
+                    flush=True,
+                )
         million_results = []
         if million:
             for size in (100_000, 1_000_000):
@@ -526,23 +601,34 @@ async def run(sizes: list[int], million: bool, modes: set[str]) -> None:
                 (ours,) = await bench.backlog(size, native_too=False)
                 million_results.append((size, ours, time.monotonic() - start))
 
-        print("\nERP -> replica, 100 changes a transaction "
-              "(60% insert, 30% update, 10% delete); rows and checksums verified")
+        print(
+            "\nERP -> replica, 100 changes a transaction "
+            "(60% insert, 30% update, 10% delete); rows and checksums verified"
+        )
         if backlog_rows:
             print_table("Backlog (committed first, then drained)", backlog_rows)
         if concurrent_rows:
-            print_table("Concurrent (consumer running during the workload; "
-                        "lag = age of oldest unapplied transaction; "
-                        "catch-up = last commit -> on replica)", concurrent_rows)
+            print_table(
+                "Concurrent (consumer running during the workload; "
+                "lag = age of oldest unapplied transaction; "
+                "catch-up = last commit -> on replica)",
+                concurrent_rows,
+            )
         if million_results:
             print("\nFlat memory, ours alone, backlog drained")
-            print(f"{'changes':>10} {'ours/s':>10} {'peak RSS':>10} {'RSS at start':>13} "
-                  f"{'phase wall':>11}")
+            print(
+                f"{'changes':>10} {'ours/s':>10} {'peak RSS':>10} {'RSS at start':>13} "
+                f"{'phase wall':>11}"
+            )
             for size, ours, wall in million_results:
-                print(f"{size:>10,} {ours.rate:>10,.0f} {ours.peak_rss_kb / 1024:>8.1f}MB "
-                      f"{ours.extra['rss_ready_kb'] / 1024:>11.1f}MB {wall:>10.1f}s")
-        print("\nRSS: ours = VmHWM of the pipeline process; native = VmHWM of the "
-              "subscription's apply worker (shared buffers touched count too).")
+                print(
+                    f"{size:>10,} {ours.rate:>10,.0f} {ours.peak_rss_kb / 1024:>8.1f}MB "
+                    f"{ours.extra['rss_ready_kb'] / 1024:>11.1f}MB {wall:>10.1f}s"
+                )
+        print(
+            "\nRSS: ours = VmHWM of the pipeline process; native = VmHWM of the "
+            "subscription's apply worker (shared buffers touched count too)."
+        )
     finally:
         erp.stop()
         replica.stop()
@@ -550,10 +636,16 @@ async def run(sizes: list[int], million: bool, modes: set[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100000,500000",
-                        help="comma-separated change counts (multiples of 100)")
-    parser.add_argument("--million", action="store_true",
-                        help="also drain a 1,000,000-change backlog (ours) for memory")
+    parser.add_argument(
+        "--sizes",
+        default="100000,500000",
+        help="comma-separated change counts (multiples of 100)",
+    )
+    parser.add_argument(
+        "--million",
+        action="store_true",
+        help="also drain a 1,000,000-change backlog (ours) for memory",
+    )
     parser.add_argument("--modes", default="backlog,concurrent")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ import asyncpg
 from replicator.errors import InvariantError
 from replicator.sources.erp.catalog import Catalog, ColumnInfo, EnumType
 from replicator.sources.erp.pgoutput import (
+    UNCHANGED,
     Begin,
     Commit,
     Delete,
@@ -44,15 +45,14 @@ from replicator.sources.erp.pgoutput import (
     StreamStart,
     StreamStop,
     Truncate,
-    UNCHANGED,
     TypeMessage,
     Update,
     lsn_to_str,
 )
 from replicator.store import checkpoints
 from replicator.store.checkpoints import Checkpoint
-from replicator.unified import SyncEngine
 from replicator.store.mirror import MirrorStore, MirrorTable, TableChanges, mirror_name
+from replicator.unified import SyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,16 @@ HEARTBEAT_PREFIX = "replicator.heartbeat"
 
 
 # Messages that carry a transaction id when sent inside a stream (protocol v2).
-_STREAMABLE = frozenset({Relation, TypeMessage, Insert, Update, Delete, Truncate,
-                         LogicalMessage})
+_STREAMABLE = frozenset(
+    {Relation, TypeMessage, Insert, Update, Delete, Truncate, LogicalMessage}
+)
 
 
 def _array_labels(text: str) -> tuple[str, ...]:
     """Split an enum array's text (``{a,"b c"}``) into labels, well enough to spot new ones."""
-    return tuple(part.strip().strip('"') for part in text.strip("{}").split(",") if part)
+    return tuple(
+        part.strip().strip('"') for part in text.strip("{}").split(",") if part
+    )
 
 
 def _outside_stream(msg: Message) -> Message:
@@ -81,7 +84,9 @@ class Route:
     """How one source relation's tuples land in a mirror table."""
 
     table: MirrorTable
-    positions: tuple[int, ...] | None  # mirror index -> relation index; None: same order
+    positions: (
+        tuple[int, ...] | None
+    )  # mirror index -> relation index; None: same order
     key_positions: tuple[int, ...]  # relation indexes of the mirror key
     # (mirror index, enum type, is an array) of each enum column: labels added
     # with ALTER TYPE ... ADD VALUE come with no new Relation message (BUG-06)
@@ -131,9 +136,13 @@ class _Spool:
                     chunk = pickle.load(self.file)
                 except EOFError:
                     break
-                yield from (m for m in chunk if getattr(m, "xid", None) not in self.aborted)
+                yield from (
+                    m for m in chunk if getattr(m, "xid", None) not in self.aborted
+                )
             self.file.close()
-        yield from (m for m in self.memory if getattr(m, "xid", None) not in self.aborted)
+        yield from (
+            m for m in self.memory if getattr(m, "xid", None) not in self.aborted
+        )
 
 
 @dataclass(slots=True)
@@ -148,17 +157,24 @@ class ApplyStats:
     # from the source's commit to the replica's commit of recent batches
     by_table: dict[str, int] = field(default_factory=dict)
     latencies: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=1000))
+        default_factory=lambda: collections.deque(maxlen=1000)
+    )
 
 
 class ErpApplier:
     """Consume decoded ``pgoutput`` messages; commit mirrors and checkpoint together."""
 
     def __init__(
-        self, store: MirrorStore, catalog: Catalog, source: SourceInfo,
-        checkpoint_lsn: int, *, batch_changes: int = 20_000,
+        self,
+        store: MirrorStore,
+        catalog: Catalog,
+        source: SourceInfo,
+        checkpoint_lsn: int,
+        *,
+        batch_changes: int = 20_000,
         confirm: Callable[[int], None] = lambda lsn: None,
-        own_origin: str | None = None, sync: SyncEngine | None = None,
+        own_origin: str | None = None,
+        sync: SyncEngine | None = None,
     ) -> None:
         self.store = store
         self.sync = sync
@@ -207,11 +223,15 @@ class ErpApplier:
         put_row = self._put_row
         for wal_start, msg in items:
             kind = type(msg)
-            if (kind is Insert or kind is Update or kind is Delete) and not self._skip \
-                    and msg.xid is None:  # type: ignore[union-attr]
+            if (
+                (kind is Insert or kind is Update or kind is Delete)
+                and not self._skip
+                and msg.xid is None
+            ):  # type: ignore[union-attr]
                 route, values = put_row(msg)  # type: ignore[arg-type]
-                if (route.enums and values is not None) \
-                        or self._pending_rows >= self.batch_changes:
+                if (
+                    route.enums and values is not None
+                ) or self._pending_rows >= self.batch_changes:
                     await self._after_row(route, values)
                 continue
             await self.handle(wal_start, msg)
@@ -260,9 +280,13 @@ class ErpApplier:
         self._skip = final_lsn < self.checkpoint_lsn
         if self._skip:
             self.stats.skipped_transactions += 1
-            logger.debug("transaction already applied", extra={
-                "commit_lsn": lsn_to_str(final_lsn),
-                "checkpoint": lsn_to_str(self.checkpoint_lsn)})
+            logger.debug(
+                "transaction already applied",
+                extra={
+                    "commit_lsn": lsn_to_str(final_lsn),
+                    "checkpoint": lsn_to_str(self.checkpoint_lsn),
+                },
+            )
 
     def _commit(self, end_lsn: int) -> None:
         self._in_txn = False
@@ -274,7 +298,9 @@ class ErpApplier:
             return  # nothing of ours changed: counted nowhere
         self.stats.transactions += 1
         if self._origin is not None:
-            self.stats.origins[self._origin] = self.stats.origins.get(self._origin, 0) + 1
+            self.stats.origins[self._origin] = (
+                self.stats.origins.get(self._origin, 0) + 1
+            )
 
     def _logical_message(self, wal_start: int, msg: LogicalMessage) -> None:
         # A heartbeat (or any non-transactional message) outside a transaction
@@ -291,7 +317,9 @@ class ErpApplier:
         if self._pending_rows >= self.batch_changes:
             await self.flush()
 
-    def _put_row(self, msg: Insert | Update | Delete) -> tuple[Route, tuple[Any, ...] | None]:
+    def _put_row(
+        self, msg: Insert | Update | Delete
+    ) -> tuple[Route, tuple[Any, ...] | None]:
         """Add a row change to the pending changes; return its route and mirror values."""
         route = self._routes.get(msg.relation_oid)
         if route is None:
@@ -311,8 +339,15 @@ class ErpApplier:
                     changes.delete(old_key)  # the primary key changed: the row moves
                 elif not msg.old_is_key_only:
                     # REPLICA IDENTITY FULL: the old row holds unchanged TOAST values
-                    new = tuple(o if v is UNCHANGED else v for v, o in zip(new, msg.old, strict=True))
-            values = new if route.positions is None else tuple(new[i] for i in route.positions)
+                    new = tuple(
+                        o if v is UNCHANGED else v
+                        for v, o in zip(new, msg.old, strict=True)
+                    )
+            values = (
+                new
+                if route.positions is None
+                else tuple(new[i] for i in route.positions)
+            )
             if type(msg) is Insert:
                 changes.insert(key_of(new), values)
             else:
@@ -325,13 +360,19 @@ class ErpApplier:
         info = await self.catalog.table(rel.oid)
         if info is None:
             # Dropped since: mirror under its own name with what the message says.
-            name, source, key = mirror_name(rel.namespace, rel.name), rel.qualified_name, None
+            name, source, key = (
+                mirror_name(rel.namespace, rel.name),
+                rel.qualified_name,
+                None,
+            )
             by_name: dict[str, ColumnInfo] = {}
         else:
             name = mirror_name(info.root_schema, info.root_name)
             source = f"{info.root_schema}.{info.root_name}"
             key, by_name = info.key, info.columns
-        columns = [by_name.get(c.name) or ColumnInfo(c.name, "text") for c in rel.columns]
+        columns = [
+            by_name.get(c.name) or ColumnInfo(c.name, "text") for c in rel.columns
+        ]
         if info is not None and info.oid != info.root_oid:
             # A partition's own column order may differ from its root's (ATTACH
             # PARTITION of an existing table): the mirror follows the root (BUG-03).
@@ -347,8 +388,10 @@ class ErpApplier:
             await self._ensure_tx()
             table = await self.store.create_table(name, source, columns, key or ())
             logger.info("mirror table created", extra={"table": name, "source": source})
-        elif info is None or info.oid == info.root_oid or not (
-            {c.name for c in columns} <= set(table.columns)
+        elif (
+            info is None
+            or info.oid == info.root_oid
+            or not ({c.name for c in columns} <= set(table.columns))
         ):
             if [(c.name, c.mirror_type) for c in columns] != list(
                 zip(table.columns, table.types, strict=True)
@@ -364,10 +407,15 @@ class ErpApplier:
         if -1 in positions:
             raise InvariantError(f"relation {rel.qualified_name} lacks mirror columns")
         self._routes[rel.oid] = Route(
-            table, None if positions == tuple(range(len(names))) else positions,
+            table,
+            None if positions == tuple(range(len(names))) else positions,
             tuple(names.index(k) for k in table.key),
-            tuple((table.columns.index(c.name), c.enum, c.mirror_type.endswith("[]"))
-                  for c in columns if c.enum is not None and c.name in table.columns))
+            tuple(
+                (table.columns.index(c.name), c.enum, c.mirror_type.endswith("[]"))
+                for c in columns
+                if c.enum is not None and c.name in table.columns
+            ),
+        )
 
     async def _check_labels(self, route: Route, values: tuple[Any, ...]) -> None:
         """Add enum labels the mirror lacks before a row that uses them is applied."""
@@ -382,12 +430,17 @@ class ErpApplier:
             if fresh is None or fresh.labels == enum.labels:
                 continue  # nothing new at the source: let the replica judge the value
             await self.store.ensure_enum(fresh)
-            logger.info("enum labels refreshed from the source", extra={
-                "type": f"{enum.schema}.{enum.name}",
-                "labels": [lb for lb in fresh.labels if lb not in enum.labels]})
+            logger.info(
+                "enum labels refreshed from the source",
+                extra={
+                    "type": f"{enum.schema}.{enum.name}",
+                    "labels": [lb for lb in fresh.labels if lb not in enum.labels],
+                },
+            )
             for other in self._routes.values():  # every route using the type
-                other.enums = tuple((i, fresh if e == enum else e, a)
-                                    for i, e, a in other.enums)
+                other.enums = tuple(
+                    (i, fresh if e == enum else e, a) for i, e, a in other.enums
+                )
 
     def _reroute(self, table: MirrorTable) -> None:
         for route in self._routes.values():
@@ -406,8 +459,10 @@ class ErpApplier:
             await self.flush(only=table.name)
             await self.store.truncate(table)
         self._uncommitted_changes += 1
-        logger.info("mirror tables truncated", extra={
-            "tables": [t.name for t in tables], "cascade": msg.cascade})
+        logger.info(
+            "mirror tables truncated",
+            extra={"tables": [t.name for t in tables], "cascade": msg.cascade},
+        )
 
     async def _stream_commit(self, msg: StreamCommit) -> None:
         spool = self._spools.pop(msg.xid, None)
@@ -441,7 +496,9 @@ class ErpApplier:
             if changes is None or not changes.rows:
                 continue
             await self._ensure_tx()
-            self.stats.by_table[name] = self.stats.by_table.get(name, 0) + len(changes.rows)
+            self.stats.by_table[name] = self.stats.by_table.get(name, 0) + len(
+                changes.rows
+            )
             if self.sync is not None and self.sync.watches("erp", name):
                 await self._apply_mapped(name, changes)
             else:
@@ -458,10 +515,18 @@ class ErpApplier:
         await self.store.apply(changes)
         after = await self.sync.snapshot(conn, changes.table, keys)
         # The batch's latest source commit time stands for each of its keys.
-        when = dt.datetime.fromtimestamp(self._source_commit_time or time.time(), dt.UTC)
-        await self.sync.on_rows(conn, "erp", name, before, after,
-                                dict.fromkeys(set(before) | set(after), when),
-                                lsn_to_str(self._uncommitted_end or self.checkpoint_lsn))
+        when = dt.datetime.fromtimestamp(
+            self._source_commit_time or time.time(), dt.UTC
+        )
+        await self.sync.on_rows(
+            conn,
+            "erp",
+            name,
+            before,
+            after,
+            dict.fromkeys(set(before) | set(after), when),
+            lsn_to_str(self._uncommitted_end or self.checkpoint_lsn),
+        )
 
     async def commit(self) -> bool:
         """Commit every whole source transaction received so far; confirm its LSN.
@@ -476,13 +541,22 @@ class ErpApplier:
         await self.flush()
         await self._ensure_tx()
         end = self._uncommitted_end
-        await checkpoints.save(self.store.conn, Checkpoint(
-            self.source.stream, lsn_to_str(end), end, self.source.system_identifier,
-            self.source.timeline, self.source.slot_name,
-        ), reason="apply", changes=self._uncommitted_changes,
+        await checkpoints.save(
+            self.store.conn,
+            Checkpoint(
+                self.source.stream,
+                lsn_to_str(end),
+                end,
+                self.source.system_identifier,
+                self.source.timeline,
+                self.source.slot_name,
+            ),
+            reason="apply",
+            changes=self._uncommitted_changes,
             # transactions with nothing published (empty streamed ones) only move
             # the position, like an idle advance: no history row (BUG-16)
-            history=self._uncommitted_changes > 0)
+            history=self._uncommitted_changes > 0,
+        )
         assert self._tx is not None
         await self._tx.commit()
         self._tx = None
@@ -491,9 +565,13 @@ class ErpApplier:
         self.stats.batches += 1
         self.stats.last_commit_time = time.time()
         if self._source_commit_time:
-            self.stats.latencies.append(self.stats.last_commit_time - self._source_commit_time)
-        logger.debug("batch applied", extra={
-            "position": lsn_to_str(end), "changes": self._uncommitted_changes})
+            self.stats.latencies.append(
+                self.stats.last_commit_time - self._source_commit_time
+            )
+        logger.debug(
+            "batch applied",
+            extra={"position": lsn_to_str(end), "changes": self._uncommitted_changes},
+        )
         self._uncommitted_end = 0
         self._uncommitted_changes = 0
         self.confirm(end)
@@ -514,18 +592,35 @@ class ErpApplier:
         (BUG-16); the checkpoint is stored first so the slot never gets
         ahead of what the replica knows.
         """
-        if self._in_txn or self.has_uncommitted or self._pending or lsn <= self.checkpoint_lsn:
+        if (
+            self._in_txn
+            or self.has_uncommitted
+            or self._pending
+            or lsn <= self.checkpoint_lsn
+        ):
             return False
         async with self.store.conn.transaction():
-            await checkpoints.save(self.store.conn, Checkpoint(
-                self.source.stream, lsn_to_str(lsn), lsn, self.source.system_identifier,
-                self.source.timeline, self.source.slot_name, {"idle": True},
-            ), reason="idle", history=False)
+            await checkpoints.save(
+                self.store.conn,
+                Checkpoint(
+                    self.source.stream,
+                    lsn_to_str(lsn),
+                    lsn,
+                    self.source.system_identifier,
+                    self.source.timeline,
+                    self.source.slot_name,
+                    {"idle": True},
+                ),
+                reason="idle",
+                history=False,
+            )
         self.checkpoint_lsn = lsn
         self.confirm(lsn)
         return True
 
     def should_commit(self, input_idle: bool) -> bool:
-        return (not self._in_txn and self.has_uncommitted and (
-            input_idle or self._uncommitted_changes >= self.batch_changes))
-
+        return (
+            not self._in_txn
+            and self.has_uncommitted
+            and (input_idle or self._uncommitted_changes >= self.batch_changes)
+        )

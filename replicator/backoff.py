@@ -35,8 +35,11 @@ class Backoff:
 
 
 async def retry_until_stopped(
-    what: str, attempt: Callable[[], Awaitable[None]], stop: asyncio.Event,
-    *, settled_after: float = 60.0,
+    what: str,
+    attempt: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    settled_after: float = 60.0,
 ) -> None:
     """Run ``attempt`` until it returns or ``stop`` is set; retry retriable errors.
 
@@ -56,8 +59,16 @@ async def retry_until_stopped(
             if time.monotonic() - started > settled_after:
                 backoff.reset()
             delay = backoff.next_delay()
-            logger.error("%s failed, retrying: %s", what, exc, extra={
-                "error": str(exc), "retry_in": round(delay, 2), "attempt": backoff.attempt})
+            logger.error(
+                "%s failed, retrying: %s",
+                what,
+                exc,
+                extra={
+                    "error": str(exc),
+                    "retry_in": round(delay, 2),
+                    "attempt": backoff.attempt,
+                },
+            )
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await stop.wait()

@@ -29,14 +29,29 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("replicator.demo", "run the embedded demo: ERP, replica and live traffic"),
     "run": ("replicator.daemon", "run the replication daemon"),
     "verify": ("replicator.verify", "compare each source with its mirror, row by row"),
-    "checkpoints": ("replicator.store.checkpoints_cli", "list, inspect or restore checkpoints"),
-    "status": ("replicator.ops.status", "show each stream's state, position, lag and rates"),
+    "checkpoints": (
+        "replicator.store.checkpoints_cli",
+        "list, inspect or restore checkpoints",
+    ),
+    "status": (
+        "replicator.ops.status",
+        "show each stream's state, position, lag and rates",
+    ),
     "emulator": ("replicator.emulator.cli", "serve the local Salesforce org emulator"),
     "resync": ("replicator.resync", "reload one ERP table or Salesforce object"),
     "dlq": ("replicator.store.dlq_cli", "list, retry or drop parked changes"),
-    "conflicts": ("replicator.store.conflicts_cli", "list field conflicts and their rule"),
-    "check": ("replicator.check", "verify every prerequisite against the configured systems"),
-    "bi-role": ("replicator.bi_role", "create a read-only role for BI on sf, erp, unified"),
+    "conflicts": (
+        "replicator.store.conflicts_cli",
+        "list field conflicts and their rule",
+    ),
+    "check": (
+        "replicator.check",
+        "verify every prerequisite against the configured systems",
+    ),
+    "bi-role": (
+        "replicator.bi_role",
+        "create a read-only role for BI on sf, erp, unified",
+    ),
 }
 
 
@@ -45,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     parser.add_argument(
-        "--log-format", choices=("auto", "text", "json"), default="auto",
+        "--log-format",
+        choices=("auto", "text", "json"),
+        default="auto",
         help="text on a terminal, JSON elsewhere (default: auto)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)

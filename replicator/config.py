@@ -55,7 +55,8 @@ class Database(_Frozen):
             if not value:
                 raise ConfigError(
                     f"environment variable {self.dsn_env!r} is empty; export it with "
-                    "the database's connection string")
+                    "the database's connection string"
+                )
             return value
         assert self.dsn is not None
         return self.dsn
@@ -83,7 +84,9 @@ class SalesforceSettings(_Frozen):
     """The org: where to log in, who, and which objects to mirror."""
 
     login_url: str = "https://login.salesforce.com"
-    grant: Literal["password", "refresh_token", "jwt", "client_credentials"] = "password"
+    grant: Literal["password", "refresh_token", "jwt", "client_credentials"] = (
+        "password"
+    )
     client_id: str
     client_secret_env: str | None = None
     username: str | None = None
@@ -95,7 +98,9 @@ class SalesforceSettings(_Frozen):
     client_name: str = Field("replicator", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
     stream_prefix: str = Field("sf", pattern=_IDENT)
     long_poll_timeout_seconds: float = Field(110.0, gt=0)
-    skew_seconds: float = Field(300.0, ge=0)  # margin for catch-up queries by SystemModstamp
+    skew_seconds: float = Field(
+        300.0, ge=0
+    )  # margin for catch-up queries by SystemModstamp
     settle_ms: int = Field(50, ge=0)  # quiet time that ends a transaction's events
 
     def secret(self, env: str | None, what: str) -> str | None:
@@ -103,7 +108,9 @@ class SalesforceSettings(_Frozen):
             return None
         value = os.environ.get(env)
         if not value:
-            raise ConfigError(f"environment variable {env!r} ({what}) is empty; export it")
+            raise ConfigError(
+                f"environment variable {env!r} ({what}) is empty; export it"
+            )
         return value
 
 
@@ -125,7 +132,9 @@ class DaemonSettings(_Frozen):
 class OpsSettings(_Frozen):
     """The operations endpoint, metrics sampling and state-change notices."""
 
-    listen: str = Field("127.0.0.1:9108", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}$|^$")
+    listen: str = Field(
+        "127.0.0.1:9108", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}$|^$"
+    )
     sample_seconds: float = Field(2.0, gt=0)  # how often stats and the replica are read
     lag_budget_seconds: float = Field(60.0, gt=0)  # /readyz fails past it
     webhook_url_env: str | None = None  # variable holding the URL (it may hold a token)
@@ -179,8 +188,12 @@ def load(path: str | Path) -> Settings:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config "
-                          "with the path of a TOML file (see config/replicator.toml)") from None
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass --config "
+            "with the path of a TOML file (see config/replicator.toml)"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid TOML: {exc}"
+        ) from None
     return parse(data)

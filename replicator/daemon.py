@@ -231,11 +231,16 @@ class Daemon:
             # write-backs are idempotent: cancelling mid-write repeats it later
             from replicator.sinks.runner import run_outbox
 
-            helpers.append(tg.create_task(run_outbox(self.settings, stop), name="sink:outbox"))
+            helpers.append(
+                tg.create_task(run_outbox(self.settings, stop), name="sink:outbox")
+            )
         if self.until_caught_up and "salesforce" in pipelines:
             sf = pipelines["salesforce"][1]
             helpers.append(
-                tg.create_task(_stop_when_quiet(sf, stop), name="source:salesforce:quiet"))
+                tg.create_task(
+                    _stop_when_quiet(sf, stop), name="source:salesforce:quiet"
+                )
+            )
         return helpers
 
     async def _drain(self, tasks: list[asyncio.Task[Any]]) -> None:

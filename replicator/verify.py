@@ -47,23 +47,35 @@ async def _rows(conn: asyncpg.Connection, query: str) -> AsyncIterator[tuple[str
 
 
 async def compare_table(
-    erp: asyncpg.Connection, replica: asyncpg.Connection, source: str, mirror: str,
-    columns: list[str], key: list[str], *, sample: int = 5,
+    erp: asyncpg.Connection,
+    replica: asyncpg.Connection,
+    source: str,
+    mirror: str,
+    columns: list[str],
+    key: list[str],
+    *,
+    sample: int = 5,
 ) -> TableReport:
     cols = ", ".join(quote_ident(c) for c in columns)
     keys = ", ".join(quote_ident(k) for k in key)
     schema, _, name = source.partition(".")
     src = f"{quote_ident(schema)}.{quote_ident(name)}"
     dst = f"{MIRROR_SCHEMA}.{quote_ident(mirror)}"
-    template = "SELECT ROW({keys})::text, ROW({cols})::text FROM {table} ORDER BY {keys}"
+    template = (
+        "SELECT ROW({keys})::text, ROW({cols})::text FROM {table} ORDER BY {keys}"
+    )
     report = TableReport(f"erp.{mirror}")
     # The mirror side is held as key -> digest of the row: bounded by the key
     # count, and independent of how either server orders keys.
     mirrored: dict[str, bytes] = {}
-    async for key_text, row in _rows(replica, template.format(keys=keys, cols=cols, table=dst)):
+    async for key_text, row in _rows(
+        replica, template.format(keys=keys, cols=cols, table=dst)
+    ):
         mirrored[key_text] = hashlib.blake2b(row.encode(), digest_size=16).digest()
     report.mirror_rows = len(mirrored)
-    async for key_text, row in _rows(erp, template.format(keys=keys, cols=cols, table=src)):
+    async for key_text, row in _rows(
+        erp, template.format(keys=keys, cols=cols, table=src)
+    ):
         report.source_rows += 1
         digest = mirrored.pop(key_text, None)
         if digest is None:
@@ -74,7 +86,8 @@ async def compare_table(
             if len(report.different) < sample:
                 found = await replica.fetchval(
                     f"SELECT ROW({cols})::text FROM {dst} WHERE ROW({keys})::text = $1",
-                    key_text)
+                    key_text,
+                )
                 report.different.append((row, found))
     for key_text in mirrored:
         report.mismatches += 1
@@ -89,19 +102,27 @@ def _note(bucket: list[str], row: str, sample: int) -> None:
 
 async def verify_erp(settings: Settings) -> list[TableReport]:
     """Compare each table of the ERP stream with its mirror."""
-    erp = await asyncpg.connect(settings.erp.database.resolve(), server_settings=SESSION_SETTINGS)
-    replica = await asyncpg.connect(settings.replica.resolve(), server_settings=SESSION_SETTINGS)
+    erp = await asyncpg.connect(
+        settings.erp.database.resolve(), server_settings=SESSION_SETTINGS
+    )
+    replica = await asyncpg.connect(
+        settings.replica.resolve(), server_settings=SESSION_SETTINGS
+    )
     try:
         rows = await replica.fetch(
             "SELECT source_table, mirror_table, columns, key_columns FROM "
             "replicator.mirror_tables WHERE stream = $1 ORDER BY mirror_table",
-            settings.erp.stream)
+            settings.erp.stream,
+        )
         reports = []
         for row in rows:
             columns = [c[0] for c in orjson.loads(row["columns"])]
             key = orjson.loads(row["key_columns"])
-            reports.append(await compare_table(
-                erp, replica, row["source_table"], row["mirror_table"], columns, key))
+            reports.append(
+                await compare_table(
+                    erp, replica, row["source_table"], row["mirror_table"], columns, key
+                )
+            )
         return reports
     finally:
         await erp.close()
@@ -112,8 +133,10 @@ def print_reports(reports: list[TableReport]) -> bool:
     width = max((len(r.table) for r in reports), default=5)
     for r in reports:
         status = "ok" if r.ok else f"DIFFERS ({r.mismatches} rows)"
-        print(f"  {r.table:<{width}}  {r.source_rows:>7} source rows  "
-              f"{r.mirror_rows:>7} mirror rows  {status}")
+        print(
+            f"  {r.table:<{width}}  {r.source_rows:>7} source rows  "
+            f"{r.mirror_rows:>7} mirror rows  {status}"
+        )
         for row in r.missing:
             print(f"      missing in mirror: {row}")
         for row in r.extra:
@@ -121,13 +144,17 @@ def print_reports(reports: list[TableReport]) -> bool:
         for src, dst in r.different:
             print(f"      source: {src}\n      mirror: {dst}")
     ok = all(r.ok for r in reports)
-    print(f"verify: {len(reports)} tables, "
-          f"{sum(not r.ok for r in reports)} with differences -> {'OK' if ok else 'FAILED'}")
+    print(
+        f"verify: {len(reports)} tables, "
+        f"{sum(not r.ok for r in reports)} with differences -> {'OK' if ok else 'FAILED'}"
+    )
     return ok
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="path of the TOML config file")
+    parser.add_argument(
+        "--config", "-c", required=True, help="path of the TOML config file"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,7 +183,9 @@ async def verify_sf(settings: Settings, *, sample: int = 5) -> list[TableReport]
     cfg = settings.salesforce
     assert cfg is not None
     auth = build_authenticator(cfg)
-    replica = await asyncpg.connect(settings.replica.resolve(), server_settings=SESSION_SETTINGS)
+    replica = await asyncpg.connect(
+        settings.replica.resolve(), server_settings=SESSION_SETTINGS
+    )
     reports = []
     try:
         async with aiohttp.ClientSession() as http:
@@ -165,31 +194,51 @@ async def verify_sf(settings: Settings, *, sample: int = 5) -> list[TableReport]
             for obj in cfg.objects:
                 shape = shape_of(await rest.describe(obj))
                 table = f"sf.{quote_ident(shape.table)}"
-                mirrored = {r[0] for r in await replica.fetch(
-                    "SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = 'sf' AND table_name = $1", shape.table)}
+                mirrored = {
+                    r[0]
+                    for r in await replica.fetch(
+                        "SELECT column_name FROM information_schema.columns "
+                        "WHERE table_schema = 'sf' AND table_name = $1",
+                        shape.table,
+                    )
+                }
                 lacking = [f.api_name for f in shape.fields if f.column not in mirrored]
                 fields = [f for f in shape.fields if f.column in mirrored]
                 cols = ", ".join(quote_ident(f.column) for f in fields)
-                casts = ", ".join(f"${i + 1}::text::{f.type}" for i, f in enumerate(fields))
-                soql = "SELECT " + ", ".join(f.api_name for f in fields) + f" FROM {obj}"
-                rows = [tuple(to_text(r.get(f.api_name)) for f in fields)
-                        async for r in rest.query(soql, include_deleted=True)]
+                casts = ", ".join(
+                    f"${i + 1}::text::{f.type}" for i, f in enumerate(fields)
+                )
+                soql = (
+                    "SELECT " + ", ".join(f.api_name for f in fields) + f" FROM {obj}"
+                )
+                rows = [
+                    tuple(to_text(r.get(f.api_name)) for f in fields)
+                    async for r in rest.query(soql, include_deleted=True)
+                ]
                 async with replica.transaction():
                     await replica.execute(
-                        f"CREATE TEMP TABLE _org (LIKE {table}) ON COMMIT DROP")
+                        f"CREATE TEMP TABLE _org (LIKE {table}) ON COMMIT DROP"
+                    )
                     await replica.executemany(
-                        f"INSERT INTO _org ({cols}) VALUES ({casts})", rows)
-                    report = TableReport(f"sf.{shape.table}", len(rows),
-                                         await replica.fetchval(f"SELECT count(*) FROM {table}"))
+                        f"INSERT INTO _org ({cols}) VALUES ({casts})", rows
+                    )
+                    report = TableReport(
+                        f"sf.{shape.table}",
+                        len(rows),
+                        await replica.fetchval(f"SELECT count(*) FROM {table}"),
+                    )
                     missing = await replica.fetch(
                         f"SELECT ROW({cols})::text FROM _org EXCEPT "
-                        f"SELECT ROW({cols})::text FROM {table}")
+                        f"SELECT ROW({cols})::text FROM {table}"
+                    )
                     extra = await replica.fetch(
                         f"SELECT ROW({cols})::text FROM {table} EXCEPT "
-                        f"SELECT ROW({cols})::text FROM _org")
+                        f"SELECT ROW({cols})::text FROM _org"
+                    )
                 report.mismatches = len(missing) + len(extra) + len(lacking)
-                report.missing = [f"column for field {name}" for name in lacking][:sample]
+                report.missing = [f"column for field {name}" for name in lacking][
+                    :sample
+                ]
                 report.missing += [r[0] for r in missing[:sample]]
                 report.extra = [r[0] for r in extra[:sample]]
                 reports.append(report)

@@ -87,7 +87,11 @@ class Setup:
 
 @contextlib.asynccontextmanager
 async def setup(
-    case: ErpCase, tmp_path: Path, *, seed_rows: int = 2000, slow: float = 0.0,
+    case: ErpCase,
+    tmp_path: Path,
+    *,
+    seed_rows: int = 2000,
+    slow: float = 0.0,
 ) -> AsyncIterator[Setup]:
     erp = await asyncpg.connect(case.erp_dsn)
     await erp.execute(ERP_SCHEMA.format(seed_rows=seed_rows))
@@ -95,9 +99,13 @@ async def setup(
     replica = await asyncpg.connect(case.replica_dsn)
     await replica.execute(REPLICA_PROBES.format(slow=slow))
     await replica.close()
-    config = write_config(tmp_path / "replicator.toml", replica_dsn=case.replica_dsn,
-                          erp_dsn=case.erp_dsn, slot=case.slot,
-                          publication=case.publication)
+    config = write_config(
+        tmp_path / "replicator.toml",
+        replica_dsn=case.replica_dsn,
+        erp_dsn=case.erp_dsn,
+        slot=case.slot,
+        publication=case.publication,
+    )
     daemon = Daemon(config, tmp_path)
     try:
         yield Setup(case, daemon)
@@ -125,13 +133,22 @@ class Workload:
                     account = rng.randint(1, 50)
                     await conn.execute(
                         "INSERT INTO ledger (account_id, amount, memo) SELECT $1, g, 'w' "
-                        "FROM generate_series(1, 5) g", account)
+                        "FROM generate_series(1, 5) g",
+                        account,
+                    )
                     await conn.execute(
                         "UPDATE account SET balance = balance + 15, note = $2 "
-                        "WHERE id = $1", account, f"tx {self.commits}")
+                        "WHERE id = $1",
+                        account,
+                        f"tx {self.commits}",
+                    )
                 self.commits += 1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    asyncpg.InternalClientError):
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ):
                 # the ERP restarts under us: reconnect; the comparison at the
                 # end holds whether an in-flight commit happened or not
                 if conn is not None:
@@ -160,10 +177,14 @@ async def assert_nothing_lost_nothing_twice(case: ErpCase) -> None:
     try:
         twice = await replica.fetch(
             "SELECT id, array_agg(op) AS ops FROM public.ledger_writes GROUP BY id "
-            "HAVING count(*) > 1 LIMIT 5")
-        written = await replica.fetchval("SELECT count(DISTINCT id) FROM public.ledger_writes")
+            "HAVING count(*) > 1 LIMIT 5"
+        )
+        written = await replica.fetchval(
+            "SELECT count(DISTINCT id) FROM public.ledger_writes"
+        )
         history = await replica.fetch(
-            "SELECT reason, lsn FROM replicator.checkpoint_history ORDER BY id")
+            "SELECT reason, lsn FROM replicator.checkpoint_history ORDER BY id"
+        )
     finally:
         await replica.close()
     assert [dict(r) for r in twice] == []
@@ -175,9 +196,13 @@ async def assert_nothing_lost_nothing_twice(case: ErpCase) -> None:
 
 async def applied_batches(replica_dsn: str) -> int:
     try:
-        return int(await fetchval(
-            replica_dsn, "SELECT count(*) FROM replicator.checkpoint_history "
-            "WHERE reason = 'apply'"))
+        return int(
+            await fetchval(
+                replica_dsn,
+                "SELECT count(*) FROM replicator.checkpoint_history "
+                "WHERE reason = 'apply'",
+            )
+        )
     except asyncpg.UndefinedTableError:  # the daemon has not created its schema yet
         return 0
 
@@ -197,8 +222,12 @@ async def test_sigkill_then_restart_loses_nothing_and_applies_nothing_twice(
     """SIGKILL at one point of a run under load, again mid-stream after a restart,
     then ``--until-caught-up``: the mirrors equal the ERP, each ledger row once."""
     seed_rows = 30_000 if kill_at == "initial_snapshot" else 2000
-    async with setup(erp_case, tmp_path, seed_rows=seed_rows,
-                     slow=2.0 if kill_at == "initial_snapshot" else 0.0) as s:
+    async with setup(
+        erp_case,
+        tmp_path,
+        seed_rows=seed_rows,
+        slow=2.0 if kill_at == "initial_snapshot" else 0.0,
+    ) as s:
         workload = Workload(erp_case.erp_dsn)
         workload.start()
         daemon = s.daemon
@@ -206,20 +235,32 @@ async def test_sigkill_then_restart_loses_nothing_and_applies_nothing_twice(
 
         daemon.start()
         if kill_at == "initial_snapshot":
-            await wait_for(lambda: slot_row(erp_case.erp_dsn, erp_case.slot), timeout=30,
-                           interval=0.02, what="the slot of the initial load")
+            await wait_for(
+                lambda: slot_row(erp_case.erp_dsn, erp_case.slot),
+                timeout=30,
+                interval=0.02,
+                what="the slot of the initial load",
+            )
             await asyncio.sleep(0.5)
             daemon.kill()
             killed_before_snapshot = await checkpoint_lsn(replica_dsn) is None
         else:
-            await wait_for(lambda: new_apply_row(replica_dsn, 3), timeout=30,
-                           interval=0.01, what="a few applied batches")
+            await wait_for(
+                lambda: new_apply_row(replica_dsn, 3),
+                timeout=30,
+                interval=0.01,
+                what="a few applied batches",
+            )
             if kill_at == "mid_stream":
                 await asyncio.sleep(random.uniform(0.1, 0.6))
             else:
                 applied = await applied_batches(replica_dsn)
-                await wait_for(lambda: new_apply_row(replica_dsn, applied), timeout=10,
-                               interval=0.005, what="the next commit")
+                await wait_for(
+                    lambda: new_apply_row(replica_dsn, applied),
+                    timeout=10,
+                    interval=0.005,
+                    what="the next commit",
+                )
             daemon.kill()
             killed_before_snapshot = False
         daemon.start()
@@ -262,8 +303,10 @@ def replica_server() -> Iterator[PausablePostgres]:
 
 
 @contextlib.asynccontextmanager
-async def case_on(erp: TempPostgres | PgServer, replica: TempPostgres | PgServer,
-                  ) -> AsyncIterator[ErpCase]:
+async def case_on(
+    erp: TempPostgres | PgServer,
+    replica: TempPostgres | PgServer,
+) -> AsyncIterator[ErpCase]:
     """An ERP database and a replica database on the given servers."""
     n = uuid.uuid4().hex[:8]
     made = []
@@ -273,12 +316,20 @@ async def case_on(erp: TempPostgres | PgServer, replica: TempPostgres | PgServer
         made.append((admin_dsn, name))
     pg = PgServer(erp.dsn("postgres"), None)
     try:
-        yield ErpCase(pg, erp.dsn(f"erp_{n}"), replica.dsn(f"replica_{n}"),
-                      f"slot_{n}", f"pub_{n}")
+        yield ErpCase(
+            pg,
+            erp.dsn(f"erp_{n}"),
+            replica.dsn(f"replica_{n}"),
+            f"slot_{n}",
+            f"pub_{n}",
+        )
     finally:
         with contextlib.suppress(OSError, asyncpg.PostgresError):
-            await _admin(erp.dsn("postgres"), "SELECT pg_drop_replication_slot(slot_name) "
-                         f"FROM pg_replication_slots WHERE slot_name = 'slot_{n}'")
+            await _admin(
+                erp.dsn("postgres"),
+                "SELECT pg_drop_replication_slot(slot_name) "
+                f"FROM pg_replication_slots WHERE slot_name = 'slot_{n}'",
+            )
         for admin_dsn, name in made:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 await _admin(admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -306,8 +357,9 @@ async def test_erp_restart_mid_stream_is_retried_and_resumed_without_loss(
         workload = Workload(case.erp_dsn)
         workload.start()
         s.daemon.start()
-        await wait_for(lambda: new_apply_row(case.replica_dsn, 2), timeout=30,
-                       what="streaming")
+        await wait_for(
+            lambda: new_apply_row(case.replica_dsn, 2), timeout=30, what="streaming"
+        )
 
         await asyncio.to_thread(erp_server.restart)
         await asyncio.sleep(2.0)
@@ -335,14 +387,17 @@ async def test_replica_unavailable_for_a_while_holds_the_slot_then_catches_up(
         workload = Workload(case.erp_dsn)
         workload.start()
         s.daemon.start()
-        await wait_for(lambda: new_apply_row(case.replica_dsn, 2), timeout=30,
-                       what="streaming")
+        await wait_for(
+            lambda: new_apply_row(case.replica_dsn, 2), timeout=30, what="streaming"
+        )
 
         replica_server.pause()
         try:
             confirmed_seen = []
             for _ in range(40):
-                confirmed_seen.append((await slot_row(case.erp_dsn, case.slot))["confirmed"])
+                confirmed_seen.append(
+                    (await slot_row(case.erp_dsn, case.slot))["confirmed"]
+                )
                 await asyncio.sleep(0.1)
         finally:
             replica_server.resume()
@@ -367,10 +422,16 @@ async def test_replica_unavailable_for_a_while_holds_the_slot_then_catches_up(
 # -- (d) start-up errors -------------------------------------------------------
 
 
-async def run_to_exit(case: ErpCase, tmp_path: Path, timeout: float = 40) -> tuple[int, str]:
-    config = write_config(tmp_path / "replicator.toml", replica_dsn=case.replica_dsn,
-                          erp_dsn=case.erp_dsn, slot=case.slot,
-                          publication=case.publication)
+async def run_to_exit(
+    case: ErpCase, tmp_path: Path, timeout: float = 40
+) -> tuple[int, str]:
+    config = write_config(
+        tmp_path / "replicator.toml",
+        replica_dsn=case.replica_dsn,
+        erp_dsn=case.erp_dsn,
+        slot=case.slot,
+        publication=case.publication,
+    )
     daemon = Daemon(config, tmp_path)
     try:
         daemon.start()
@@ -409,8 +470,13 @@ async def test_startup_without_replication_privilege_exits_naming_the_fix(
     await _admin(erp_case.server.admin_dsn, f"CREATE ROLE {role} LOGIN")
     try:
         erp_dsn = erp_case.erp_dsn.replace("postgres@", f"{role}@")
-        case = ErpCase(erp_case.server, erp_dsn, erp_case.replica_dsn, erp_case.slot,
-                       erp_case.publication)
+        case = ErpCase(
+            erp_case.server,
+            erp_dsn,
+            erp_case.replica_dsn,
+            erp_case.slot,
+            erp_case.publication,
+        )
         code, stderr = await run_to_exit(case, tmp_path)
     finally:
         await _admin(erp_case.server.admin_dsn, f"DROP ROLE {role}")
@@ -427,9 +493,9 @@ async def test_startup_with_a_published_table_without_key_exits_naming_the_fix(
     ddl = {
         "no_key": "CREATE TABLE event_log (at timestamptz, what text)",
         "identity_nothing": "CREATE TABLE event_log (id int PRIMARY KEY, what text);"
-                            "ALTER TABLE event_log REPLICA IDENTITY NOTHING",
+        "ALTER TABLE event_log REPLICA IDENTITY NOTHING",
         "full_without_key": "CREATE TABLE event_log (at timestamptz, what text);"
-                            "ALTER TABLE event_log REPLICA IDENTITY FULL",
+        "ALTER TABLE event_log REPLICA IDENTITY FULL",
     }[identity]
     await _admin(erp_case.erp_dsn, "CREATE TABLE fine (id int PRIMARY KEY);" + ddl)
 
@@ -444,16 +510,25 @@ async def test_startup_with_a_published_table_without_key_exits_naming_the_fix(
 async def test_startup_with_the_slot_held_by_another_process_exits_naming_the_fix(
     erp_case: ErpCase, tmp_path: Path
 ) -> None:
-    await _admin(erp_case.erp_dsn, f"CREATE TABLE t (id int PRIMARY KEY);"
-                 f"CREATE PUBLICATION {erp_case.publication} FOR ALL TABLES")
-    await _admin(erp_case.erp_dsn, "SELECT pg_create_logical_replication_slot("
-                 f"'{erp_case.slot}', 'pgoutput')")
-    holder = psycopg2.connect(erp_case.erp_dsn,
-                              connection_factory=psycopg2.extras.LogicalReplicationConnection)
+    await _admin(
+        erp_case.erp_dsn,
+        f"CREATE TABLE t (id int PRIMARY KEY);"
+        f"CREATE PUBLICATION {erp_case.publication} FOR ALL TABLES",
+    )
+    await _admin(
+        erp_case.erp_dsn,
+        f"SELECT pg_create_logical_replication_slot('{erp_case.slot}', 'pgoutput')",
+    )
+    holder = psycopg2.connect(
+        erp_case.erp_dsn,
+        connection_factory=psycopg2.extras.LogicalReplicationConnection,
+    )
     try:
         holder.cursor().start_replication(
-            slot_name=erp_case.slot, decode=False,
-            options={"proto_version": "1", "publication_names": erp_case.publication})
+            slot_name=erp_case.slot,
+            decode=False,
+            options={"proto_version": "1", "publication_names": erp_case.publication},
+        )
         assert (await slot_row(erp_case.erp_dsn, erp_case.slot))["active"]
 
         code, stderr = await run_to_exit(erp_case, tmp_path, timeout=60)

@@ -58,20 +58,24 @@ INSERT INTO customer VALUES
 
 def problems(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Every WARNING or worse the engine logged."""
-    return [f"{r.levelname} {r.getMessage()} {getattr(r, 'error', '')}"
-            for r in caplog.records
-            if r.name.startswith("replicator") and r.levelno >= logging.WARNING]
+    return [
+        f"{r.levelname} {r.getMessage()} {getattr(r, 'error', '')}"
+        for r in caplog.records
+        if r.name.startswith("replicator") and r.levelno >= logging.WARNING
+    ]
 
 
 async def set_role_default(conn: asyncpg.Connection, setting: str, value: str) -> None:
     """Give the connecting role a default for ``setting`` in this database only."""
     db = await conn.fetchval("SELECT current_database()")
     await conn.execute(
-        f'ALTER ROLE CURRENT_USER IN DATABASE "{db}" SET {setting} = \'{value}\'')
+        f"ALTER ROLE CURRENT_USER IN DATABASE \"{db}\" SET {setting} = '{value}'"
+    )
 
 
-async def install_write_audit(replica: asyncpg.Connection, table: str, key: str,
-                              column: str) -> None:
+async def install_write_audit(
+    replica: asyncpg.Connection, table: str, key: str, column: str
+) -> None:
     """Record every write to ``erp.table`` in the replica (key, op, a column's text)."""
     await replica.execute(f"""
         CREATE TABLE public.audit_{table} (n bigserial, k text, op text, v text);
@@ -104,27 +108,40 @@ async def test_unchanged_toast_notes_never_blank_the_mirror_in_one_stream(
     replica = await connect(erp_case.replica_dsn)
     await install_write_audit(replica, "customer", "customer_code", "notes")
     source_md5 = await erp.fetchval(
-        "SELECT md5(notes) FROM customer WHERE customer_code = 'C-1001'")
+        "SELECT md5(notes) FROM customer WHERE customer_code = 'C-1001'"
+    )
 
     async with running_pipeline(erp_case):
         await erp.execute(
-            "UPDATE customer SET phone = '555-0199' WHERE customer_code = 'C-1001'")
+            "UPDATE customer SET phone = '555-0199' WHERE customer_code = 'C-1001'"
+        )
         await erp.execute("ALTER TABLE customer REPLICA IDENTITY FULL")
         await erp.execute(
-            "UPDATE customer SET name = 'Acme Tools Ltd' WHERE customer_code = 'C-1001'")
+            "UPDATE customer SET name = 'Acme Tools Ltd' WHERE customer_code = 'C-1001'"
+        )
         await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn)
 
     row = await replica.fetchrow(
         "SELECT phone, name, length(notes) AS n, md5(notes) AS h FROM erp.customer "
-        "WHERE customer_code = 'C-1001'")
-    assert dict(row) == {"phone": "555-0199", "name": "Acme Tools Ltd", "n": 12000,
-                         "h": source_md5}
+        "WHERE customer_code = 'C-1001'"
+    )
+    assert dict(row) == {
+        "phone": "555-0199",
+        "name": "Acme Tools Ltd",
+        "n": 12000,
+        "h": source_md5,
+    }
     history = await replica.fetch(
-        "SELECT op, v FROM public.audit_customer WHERE k = 'C-1001' ORDER BY n")
+        "SELECT op, v FROM public.audit_customer WHERE k = 'C-1001' ORDER BY n"
+    )
     assert len(history) >= 1
     assert all(h["v"] is not None and len(h["v"]) == 12000 for h in history)
-    assert await replica.fetchval(
-        "SELECT count(*) FROM public.audit_customer WHERE k <> 'C-1001'") == 0
+    assert (
+        await replica.fetchval(
+            "SELECT count(*) FROM public.audit_customer WHERE k <> 'C-1001'"
+        )
+        == 0
+    )
     await assert_mirrored(erp_case, "customer")
     assert problems(caplog) == []
 
@@ -151,29 +168,52 @@ async def test_partitioned_table_lands_in_one_root_mirror_in_both_publish_modes(
     caplog.set_level(logging.INFO, logger="replicator")
     erp = await connect(erp_case.erp_dsn)
     await erp.execute(SALES_ORDER)
-    await erp.execute(f"CREATE PUBLICATION {erp_case.publication} FOR ALL TABLES "
-                      f"WITH (publish_via_partition_root = {str(via_root).lower()})")
+    await erp.execute(
+        f"CREATE PUBLICATION {erp_case.publication} FOR ALL TABLES "
+        f"WITH (publish_via_partition_root = {str(via_root).lower()})"
+    )
     await replicate(erp_case)
 
     async with running_pipeline(erp_case):
-        await erp.execute("INSERT INTO sales_order VALUES (7, '2024-03-30', 'C-1001', 120.00)")
         await erp.execute(
-            "UPDATE sales_order SET order_date = '2024-04-02' WHERE order_no = 7")
-        await erp.execute("CREATE TABLE sales_order_2024q3 PARTITION OF sales_order "
-                          "FOR VALUES FROM ('2024-07-01') TO ('2024-10-01')")
-        await erp.execute("INSERT INTO sales_order VALUES (8, '2024-07-15', 'C-1001', 99.50)")
+            "INSERT INTO sales_order VALUES (7, '2024-03-30', 'C-1001', 120.00)"
+        )
+        await erp.execute(
+            "UPDATE sales_order SET order_date = '2024-04-02' WHERE order_no = 7"
+        )
+        await erp.execute(
+            "CREATE TABLE sales_order_2024q3 PARTITION OF sales_order "
+            "FOR VALUES FROM ('2024-07-01') TO ('2024-10-01')"
+        )
+        await erp.execute(
+            "INSERT INTO sales_order VALUES (8, '2024-07-15', 'C-1001', 99.50)"
+        )
         await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn)
 
     assert await table_text(erp_case.replica_dsn, "erp.sales_order") == [
-        "(7,2024-04-02,C-1001,120.00)", "(8,2024-07-15,C-1001,99.50)"]
+        "(7,2024-04-02,C-1001,120.00)",
+        "(8,2024-07-15,C-1001,99.50)",
+    ]
     replica = await connect(erp_case.replica_dsn)
-    assert await replica.fetchval(
-        "SELECT count(*) FROM erp.sales_order WHERE order_date = '2024-03-30'") == 0
-    assert [r[0] for r in await replica.fetch(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'erp' "
-        "ORDER BY 1")] == ["sales_order"]
-    assert [r[0] for r in await replica.fetch(
-        "SELECT mirror_table FROM replicator.mirror_tables")] == ["sales_order"]
+    assert (
+        await replica.fetchval(
+            "SELECT count(*) FROM erp.sales_order WHERE order_date = '2024-03-30'"
+        )
+        == 0
+    )
+    assert [
+        r[0]
+        for r in await replica.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'erp' "
+            "ORDER BY 1"
+        )
+    ] == ["sales_order"]
+    assert [
+        r[0]
+        for r in await replica.fetch(
+            "SELECT mirror_table FROM replicator.mirror_tables"
+        )
+    ] == ["sales_order"]
     assert problems(caplog) == []
 
 
@@ -184,8 +224,10 @@ async def test_partitioned_table_created_mid_stream_mirrors_in_root_column_order
     partition whose own column order differs from the root's, is mirrored with the
     root's columns and order (leaf mode sends the leaf's relation first)."""
     erp = await connect(erp_case.erp_dsn)
-    await erp.execute(f"CREATE PUBLICATION {erp_case.publication} FOR ALL TABLES "
-                      "WITH (publish_via_partition_root = false)")
+    await erp.execute(
+        f"CREATE PUBLICATION {erp_case.publication} FOR ALL TABLES "
+        "WITH (publish_via_partition_root = false)"
+    )
     await replicate(erp_case)
 
     async with running_pipeline(erp_case):
@@ -203,7 +245,8 @@ async def test_partitioned_table_created_mid_stream_mirrors_in_root_column_order
         await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn)
 
     assert await table_text(erp_case.replica_dsn, "erp.sales_order") == [
-        "(5,2023-05-01,C-1002,10.00)"]
+        "(5,2023-05-01,C-1002,10.00)"
+    ]
     await assert_mirrored(erp_case, "sales_order")
 
 
@@ -228,8 +271,10 @@ async def test_truncate_cascade_keeps_engine_running_and_slot_advancing(
     await replicate(erp_case)
 
     async with running_pipeline(erp_case, status_interval_seconds=status_interval) as p:
-        await erp.execute("BEGIN; TRUNCATE price_list CASCADE; "
-                          "INSERT INTO price_list VALUES ('SKU-9', 12.50); COMMIT;")
+        await erp.execute(
+            "BEGIN; TRUNCATE price_list CASCADE; "
+            "INSERT INTO price_list VALUES ('SKU-9', 12.50); COMMIT;"
+        )
         await erp.execute("INSERT INTO price_list VALUES ('SKU-10', 3.00)")
         last_commit = await current_lsn(erp_case.erp_dsn)
         committed_at = time.monotonic()
@@ -245,12 +290,19 @@ async def test_truncate_cascade_keeps_engine_running_and_slot_advancing(
     assert took <= 2 * status_interval
     assert still_running
     assert await table_text(erp_case.replica_dsn, "erp.price_list") == [
-        "(SKU-10,3.00)", "(SKU-9,12.50)"]
+        "(SKU-10,3.00)",
+        "(SKU-9,12.50)",
+    ]
     assert await table_text(erp_case.replica_dsn, "erp.price_list_note") == []
-    truncates = [r for r in caplog.records if "truncat" in r.getMessage()
-                 and r.levelno >= logging.INFO]
-    assert any({"price_list", "price_list_note"} <= set(getattr(r, "tables", ()))
-               for r in truncates)
+    truncates = [
+        r
+        for r in caplog.records
+        if "truncat" in r.getMessage() and r.levelno >= logging.INFO
+    ]
+    assert any(
+        {"price_list", "price_list_note"} <= set(getattr(r, "tables", ()))
+        for r in truncates
+    )
     assert problems(caplog) == []
 
 
@@ -269,23 +321,31 @@ async def test_columns_added_while_streaming_evolve_a_cached_relation(
 
     async with running_pipeline(erp_case):
         await erp.execute(
-            "UPDATE customer SET rating = 'Hot' WHERE customer_code = 'C-1003'")
+            "UPDATE customer SET rating = 'Hot' WHERE customer_code = 'C-1003'"
+        )
         await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn)
         await erp.execute(
-            "ALTER TABLE customer ADD COLUMN segment text NOT NULL DEFAULT 'retail'")
+            "ALTER TABLE customer ADD COLUMN segment text NOT NULL DEFAULT 'retail'"
+        )
         await erp.execute("ALTER TABLE customer ADD COLUMN payment_terms_days int")
-        await erp.execute("UPDATE customer SET payment_terms_days = 45 "
-                          "WHERE customer_code = 'C-1001'")
+        await erp.execute(
+            "UPDATE customer SET payment_terms_days = 45 WHERE customer_code = 'C-1001'"
+        )
         await erp.execute(
             "INSERT INTO customer (customer_code, name, phone, segment) "
-            "VALUES ('C-1004', 'Dune Logistics', '555-0400', 'wholesale')")
+            "VALUES ('C-1004', 'Dune Logistics', '555-0400', 'wholesale')"
+        )
         await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn)
 
     assert await table_text(
         erp_case.replica_dsn,
         "(SELECT customer_code, segment, payment_terms_days FROM erp.customer)",
-    ) == ["(C-1001,retail,45)", "(C-1002,retail,)", "(C-1003,retail,)",
-          "(C-1004,wholesale,)"]
+    ) == [
+        "(C-1001,retail,45)",
+        "(C-1002,retail,)",
+        "(C-1003,retail,)",
+        "(C-1004,wholesale,)",
+    ]
     await assert_mirrored(erp_case, "customer")
     assert problems(caplog) == []
 
@@ -316,7 +376,10 @@ async def test_enum_label_added_while_streaming_is_applied_in_order_without_erro
         await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn)
 
     assert await table_text(erp_case.replica_dsn, "erp.fulfilment") == [
-        "(1,on_hold)", "(2,shipped)", "(3,shipped)"]
+        "(1,on_hold)",
+        "(2,shipped)",
+        "(3,shipped)",
+    ]
     assert problems(caplog) == []
 
 
@@ -339,10 +402,15 @@ def _locales() -> list[str]:
     return out.stdout.split()
 
 
-@pytest.mark.parametrize("lc_monetary", [None, _other_monetary_locale()],
-                         ids=["server_default", "role_default"])
+@pytest.mark.parametrize(
+    "lc_monetary",
+    [None, _other_monetary_locale()],
+    ids=["server_default", "role_default"],
+)
 async def test_money_is_exact_whatever_the_sessions_lc_monetary(
-    erp_case: ErpCase, connect, caplog: pytest.LogCaptureFixture,
+    erp_case: ErpCase,
+    connect,
+    caplog: pytest.LogCaptureFixture,
     lc_monetary: str | None,
 ) -> None:
     """BUG-08: money stays exact through the snapshot and the stream, also when
@@ -365,16 +433,23 @@ async def test_money_is_exact_whatever_the_sessions_lc_monetary(
     replica = await connect(erp_case.replica_dsn)
     before_update = await replica.fetchval(
         "SELECT balance::numeric::text FROM erp.customer_balance "
-        "WHERE customer_code = 'C-1001'")
+        "WHERE customer_code = 'C-1001'"
+    )
     await erp.execute(
-        "UPDATE customer_balance SET balance = '-0.01' WHERE customer_code = 'C-1001'")
+        "UPDATE customer_balance SET balance = '-0.01' WHERE customer_code = 'C-1001'"
+    )
     await replicate(erp_case)
 
     assert before_update == "1234567.89"
-    rows = await replica.fetch("SELECT customer_code, balance::numeric::text AS b "
-                               "FROM erp.customer_balance ORDER BY 1")
+    rows = await replica.fetch(
+        "SELECT customer_code, balance::numeric::text AS b "
+        "FROM erp.customer_balance ORDER BY 1"
+    )
     assert [tuple(r) for r in rows] == [
-        ("C-1001", "-0.01"), ("C-1002", "-92233720368547758.08"), ("C-1003", None)]
+        ("C-1001", "-0.01"),
+        ("C-1002", "-92233720368547758.08"),
+        ("C-1003", None),
+    ]
     assert problems(caplog) == []
 
 
@@ -390,23 +465,29 @@ async def test_numeric_nan_and_high_precision_stay_exact_and_slot_advances(
     erp = await connect(erp_case.erp_dsn)
     await erp.execute(
         "CREATE TABLE item_cost (sku text PRIMARY KEY, unit_cost numeric, "
-        "std_cost numeric(20,0))")
+        "std_cost numeric(20,0))"
+    )
     await replicate(erp_case)
 
     await erp.execute("INSERT INTO item_cost VALUES ('SKU-1', 'NaN', 9007199254740993)")
     await erp.execute(
-        "INSERT INTO item_cost VALUES ('SKU-2', 0.1234567890123456789, 1)")
+        "INSERT INTO item_cost VALUES ('SKU-2', 0.1234567890123456789, 1)"
+    )
     stats_nan = await replicate(erp_case)
     before_update = await table_text(erp_case.replica_dsn, "erp.item_cost")
     await erp.execute("UPDATE item_cost SET unit_cost = 2.50 WHERE sku = 'SKU-1'")
     last_commit = await current_lsn(erp_case.erp_dsn)
     await replicate(erp_case)
 
-    assert before_update == ["(SKU-1,NaN,9007199254740993)",
-                             "(SKU-2,0.1234567890123456789,1)"]
+    assert before_update == [
+        "(SKU-1,NaN,9007199254740993)",
+        "(SKU-2,0.1234567890123456789,1)",
+    ]
     assert stats_nan.transactions == 2
     assert await table_text(erp_case.replica_dsn, "erp.item_cost") == [
-        "(SKU-1,2.50,9007199254740993)", "(SKU-2,0.1234567890123456789,1)"]
+        "(SKU-1,2.50,9007199254740993)",
+        "(SKU-2,0.1234567890123456789,1)",
+    ]
     confirmed = (await slot_row(erp_case.erp_dsn, erp_case.slot))["confirmed"]
     assert await lsn_at_least(erp_case.erp_dsn, confirmed, last_commit)
     assert problems(caplog) == []
@@ -455,17 +536,22 @@ async def test_timestamptz_instant_and_wall_clock_timestamp_survive_any_time_zon
     """)
     await replicate(erp_case, **erp_settings)
 
-    await erp.execute("INSERT INTO shipment VALUES "
-                      "(1, '2024-01-15 09:00:00+05:30', '2024-03-10 02:30:00')")
+    await erp.execute(
+        "INSERT INTO shipment VALUES "
+        "(1, '2024-01-15 09:00:00+05:30', '2024-03-10 02:30:00')"
+    )
     await replicate(erp_case, **erp_settings)
 
     replica = await connect(erp_case.replica_dsn)
     await replica.execute("SET TimeZone = 'UTC'")
-    rows = await replica.fetch("SELECT id, shipped_at::text AS s, dock_local::text AS d "
-                               "FROM erp.shipment ORDER BY id")
+    rows = await replica.fetch(
+        "SELECT id, shipped_at::text AS s, dock_local::text AS d "
+        "FROM erp.shipment ORDER BY id"
+    )
     assert [tuple(r) for r in rows] == [
         (1, "2024-01-15 03:30:00+00", "2024-03-10 02:30:00"),
-        (2, "2024-01-15 03:30:00+00", "2024-03-10 02:30:00")]
+        (2, "2024-01-15 03:30:00+00", "2024-03-10 02:30:00"),
+    ]
 
 
 # -- BUG-12 -------------------------------------------------------------------
@@ -479,26 +565,39 @@ async def test_interval_keeps_months_days_and_microseconds(
     erp = await connect(erp_case.erp_dsn)
     await set_role_default(erp, "IntervalStyle", "iso_8601")
     await set_role_default(erp, "DateStyle", "SQL, DMY")
-    await erp.execute("CREATE TABLE contract (id int PRIMARY KEY, start_date date, "
-                      "term interval)")
-    await erp.execute("INSERT INTO contract VALUES (3, '2024-01-31', '1 mon 2 days 03:04:05.678')")
+    await erp.execute(
+        "CREATE TABLE contract (id int PRIMARY KEY, start_date date, term interval)"
+    )
+    await erp.execute(
+        "INSERT INTO contract VALUES (3, '2024-01-31', '1 mon 2 days 03:04:05.678')"
+    )
     await replicate(erp_case)
 
-    await erp.execute("INSERT INTO contract VALUES (1, '2024-01-31', '1 mon 2 days 03:04:05.678')")
-    await erp.execute("INSERT INTO contract VALUES (2, '2024-01-31', '-00:00:00.000001')")
+    await erp.execute(
+        "INSERT INTO contract VALUES (1, '2024-01-31', '1 mon 2 days 03:04:05.678')"
+    )
+    await erp.execute(
+        "INSERT INTO contract VALUES (2, '2024-01-31', '-00:00:00.000001')"
+    )
     await replicate(erp_case)
 
     replica = await connect(erp_case.replica_dsn)
     await replica.execute("SET IntervalStyle = 'postgres'; SET DateStyle = 'ISO'")
-    rows = await replica.fetch("SELECT id, term::text AS t, (start_date + term)::text AS d "
-                               "FROM erp.contract ORDER BY id")
+    rows = await replica.fetch(
+        "SELECT id, term::text AS t, (start_date + term)::text AS d "
+        "FROM erp.contract ORDER BY id"
+    )
     assert [(r["id"], r["t"]) for r in rows] == [
-        (1, "1 mon 2 days 03:04:05.678"), (2, "-00:00:00.000001"),
-        (3, "1 mon 2 days 03:04:05.678")]
+        (1, "1 mon 2 days 03:04:05.678"),
+        (2, "-00:00:00.000001"),
+        (3, "1 mon 2 days 03:04:05.678"),
+    ]
     assert rows[0]["d"] == "2024-03-02 03:04:05.678"
     assert await table_text(
         erp_case.replica_dsn, "(SELECT id, start_date + term FROM erp.contract)"
-    ) == await table_text(erp_case.erp_dsn, "(SELECT id, start_date + term FROM contract)")
+    ) == await table_text(
+        erp_case.erp_dsn, "(SELECT id, start_date + term FROM contract)"
+    )
     await assert_mirrored(erp_case, "contract")
 
 
@@ -529,14 +628,19 @@ async def test_replica_down_never_acknowledges_the_unapplied_transaction(
     admin = await connect(replica_server.dsn())
     await admin.execute(f"CREATE DATABASE {replica_db}")
     replica_dsn = replica_server.dsn(replica_db)
-    config = write_config(tmp_path / "replicator.toml", replica_dsn=replica_dsn,
-                          erp_dsn=erp_case.erp_dsn, slot=erp_case.slot,
-                          publication=erp_case.publication)
+    config = write_config(
+        tmp_path / "replicator.toml",
+        replica_dsn=replica_dsn,
+        erp_dsn=erp_case.erp_dsn,
+        slot=erp_case.slot,
+        publication=erp_case.publication,
+    )
     daemon = Daemon(config, tmp_path)
     try:
         daemon.start()
-        await wait_for(lambda: checkpoint_lsn(replica_dsn), timeout=30,
-                       what="initial snapshot")
+        await wait_for(
+            lambda: checkpoint_lsn(replica_dsn), timeout=30, what="initial snapshot"
+        )
         await wait_caught_up(erp_case.erp_dsn, replica_dsn)
         replica = await asyncpg.connect(replica_dsn)
         await install_write_audit(replica, "customer", "customer_code", "name")
@@ -545,13 +649,17 @@ async def test_replica_down_never_acknowledges_the_unapplied_transaction(
 
         replica_server.pause()
         begin_lsn = await current_lsn(erp_case.erp_dsn)
-        await erp.execute("INSERT INTO customer (customer_code, name, phone) "
-                          "VALUES ('C-2001', 'Delta Freight', '555-0401')")
+        await erp.execute(
+            "INSERT INTO customer (customer_code, name, phone) "
+            "VALUES ('C-2001', 'Delta Freight', '555-0401')"
+        )
         end_lsn = await current_lsn(erp_case.erp_dsn)
         confirmed_seen = []
         watch_until = time.monotonic() + 6 * 0.5 + 2  # well past 3 status intervals
         while time.monotonic() < watch_until:
-            confirmed_seen.append((await slot_row(erp_case.erp_dsn, erp_case.slot))["confirmed"])
+            confirmed_seen.append(
+                (await slot_row(erp_case.erp_dsn, erp_case.slot))["confirmed"]
+            )
             await asyncio.sleep(0.1)
         daemon.kill()
         replica_server.resume()
@@ -565,17 +673,24 @@ async def test_replica_down_never_acknowledges_the_unapplied_transaction(
     for confirmed in confirmed_seen:
         assert await lsn_at_least(erp_case.erp_dsn, begin_lsn, confirmed)
         assert not await lsn_at_least(erp_case.erp_dsn, confirmed, end_lsn)
-    retries = [r for r in daemon.records(1) if r["level"] == "error" and "retry_in" in r]
+    retries = [
+        r for r in daemon.records(1) if r["level"] == "error" and "retry_in" in r
+    ]
     assert len(retries) >= 2
     delays = [r["retry_in"] for r in retries[:3]]
     assert delays == sorted(delays) and delays[0] < delays[-1]
     assert exit_code == 0
     replica = await connect(replica_dsn)
-    row = await replica.fetchrow("SELECT name, phone FROM erp.customer "
-                                 "WHERE customer_code = 'C-2001'")
+    row = await replica.fetchrow(
+        "SELECT name, phone FROM erp.customer WHERE customer_code = 'C-2001'"
+    )
     assert tuple(row) == ("Delta Freight", "555-0401")
-    assert await replica.fetchval(
-        "SELECT count(*) FROM public.audit_customer WHERE k = 'C-2001'") == 1
+    assert (
+        await replica.fetchval(
+            "SELECT count(*) FROM public.audit_customer WHERE k = 'C-2001'"
+        )
+        == 1
+    )
     assert [r for r in daemon.records(2) if r["level"] in ("error", "critical")] == []
 
 
@@ -588,8 +703,10 @@ def _is_up(server: PausablePostgres) -> bool:
 
 # -- BUG-16 -------------------------------------------------------------------
 
-NOISE = ("INSERT INTO audit_noise (payload) "
-         "SELECT repeat('x', 1000) FROM generate_series(1, 100000)")
+NOISE = (
+    "INSERT INTO audit_noise (payload) "
+    "SELECT repeat('x', 1000) FROM generate_series(1, 100000)"
+)
 
 
 @pytest.mark.slow
@@ -611,14 +728,19 @@ async def test_idle_publication_slot_follows_wal_written_elsewhere(
         noise = await connect(erp_case.server.dsn(noise_db))
     else:
         noise = erp
-    await noise.execute("CREATE TABLE audit_noise (id bigserial PRIMARY KEY, payload text)")
+    await noise.execute(
+        "CREATE TABLE audit_noise (id bigserial PRIMARY KEY, payload text)"
+    )
 
     try:
         async with running_pipeline(erp_case):
             await wait_caught_up(erp_case.erp_dsn, erp_case.replica_dsn)
             history_before = await replica.fetchval(
-                "SELECT count(*) FROM replicator.checkpoint_history")
-            restart_before = (await slot_row(erp_case.erp_dsn, erp_case.slot))["restart"]
+                "SELECT count(*) FROM replicator.checkpoint_history"
+            )
+            restart_before = (await slot_row(erp_case.erp_dsn, erp_case.slot))[
+                "restart"
+            ]
             await noise.execute(NOISE)
             burst_at = time.monotonic()
 
@@ -627,9 +749,11 @@ async def test_idle_publication_slot_follows_wal_written_elsewhere(
                 lag = await fetchval(
                     erp_case.erp_dsn,
                     "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)",
-                    row["confirmed"])
+                    row["confirmed"],
+                )
                 return lag < 16 * 1024 * 1024 and not await lsn_at_least(
-                    erp_case.erp_dsn, restart_before, row["restart"])
+                    erp_case.erp_dsn, restart_before, row["restart"]
+                )
 
             await wait_for(slot_follows, timeout=60, interval=0.5, what="slot progress")
             took = time.monotonic() - burst_at
@@ -639,10 +763,15 @@ async def test_idle_publication_slot_follows_wal_written_elsewhere(
             await erp.execute(f"DROP DATABASE {noise_db} WITH (FORCE)")
 
     assert took < 60
-    assert await replica.fetchval(
-        "SELECT count(*) FROM replicator.checkpoint_history") == history_before
-    assert [r[0] for r in await replica.fetch(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'erp'")
+    assert (
+        await replica.fetchval("SELECT count(*) FROM replicator.checkpoint_history")
+        == history_before
+    )
+    assert [
+        r[0]
+        for r in await replica.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'erp'"
+        )
     ] == ["customer"]
     await assert_mirrored(erp_case, "customer")
     assert problems(caplog) == []
@@ -687,10 +816,16 @@ async def test_changes_during_the_initial_load_are_applied_exactly_once(
     await replica.execute(SLOW_SHADOW)
 
     load = asyncio.create_task(replicate(erp_case, timeout=120))
-    await wait_for(lambda: slot_row(erp_case.erp_dsn, erp_case.slot), timeout=30,
-                   interval=0.02, what="the engine's slot")
+    await wait_for(
+        lambda: slot_row(erp_case.erp_dsn, erp_case.slot),
+        timeout=30,
+        interval=0.02,
+        what="the engine's slot",
+    )
     await erp.execute("INSERT INTO stock VALUES ('SKU-NEW-1', 5)")
-    await erp.execute("UPDATE stock SET on_hand = -1 WHERE sku IN ('SKU-1', 'SKU-199999')")
+    await erp.execute(
+        "UPDATE stock SET on_hand = -1 WHERE sku IN ('SKU-1', 'SKU-199999')"
+    )
     await erp.execute("DELETE FROM stock WHERE sku = 'SKU-100000'")
     snapshot_stored_before = await checkpoint_lsn(erp_case.replica_dsn)
     stats = await load
@@ -698,9 +833,12 @@ async def test_changes_during_the_initial_load_are_applied_exactly_once(
     assert snapshot_stored_before is None  # the overlap was real
     assert await replica.fetchval("SELECT count(*) FROM erp.stock") == 200_000
     assert await assert_mirrored(erp_case, "stock") == 200_000
-    values = dict(await replica.fetch(
-        "SELECT sku, on_hand FROM erp.stock WHERE sku IN "
-        "('SKU-NEW-1', 'SKU-1', 'SKU-199999', 'SKU-100000')"))
+    values = dict(
+        await replica.fetch(
+            "SELECT sku, on_hand FROM erp.stock WHERE sku IN "
+            "('SKU-NEW-1', 'SKU-1', 'SKU-199999', 'SKU-100000')"
+        )
+    )
     assert values == {"SKU-NEW-1": 5, "SKU-1": -1, "SKU-199999": -1}
     assert stats.transactions == 3
     assert problems(caplog) == []

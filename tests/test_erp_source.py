@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncpg
 import pytest
 
 from tests.fixtures.pg import NORTHWIND, ErpCase, assert_mirrored, replicate, table_text
@@ -10,34 +9,58 @@ from tests.fixtures.pg import NORTHWIND, ErpCase, assert_mirrored, replicate, ta
 pytestmark = pytest.mark.integration
 
 NORTHWIND_TABLES = [
-    "categories", "customer_customer_demo", "customer_demographics", "customers",
-    "employees", "employee_territories", "order_details", "orders", "products",
-    "region", "shippers", "suppliers", "territories", "us_states",
+    "categories",
+    "customer_customer_demo",
+    "customer_demographics",
+    "customers",
+    "employees",
+    "employee_territories",
+    "order_details",
+    "orders",
+    "products",
+    "region",
+    "shippers",
+    "suppliers",
+    "territories",
+    "us_states",
 ]
 
 
-async def test_northwind_snapshot_then_stream_matches_the_erp(erp_case: ErpCase, connect) -> None:
+async def test_northwind_snapshot_then_stream_matches_the_erp(
+    erp_case: ErpCase, connect
+) -> None:
     """The initial copy and the changes after it reach every mirror, row for row."""
     erp = await connect(erp_case.erp_dsn)
     await erp.execute(NORTHWIND.read_text())
     await replicate(erp_case)
 
-    await erp.execute("UPDATE products SET unit_price = unit_price * 1.1, "
-                      "units_in_stock = units_in_stock - 1 WHERE product_id % 3 = 0")
-    await erp.execute("INSERT INTO orders (order_id, customer_id, employee_id, order_date, "
-                      "ship_city) VALUES (20001, 'ALFKI', 1, '2024-06-04', 'Berlin')")
+    await erp.execute(
+        "UPDATE products SET unit_price = unit_price * 1.1, "
+        "units_in_stock = units_in_stock - 1 WHERE product_id % 3 = 0"
+    )
+    await erp.execute(
+        "INSERT INTO orders (order_id, customer_id, employee_id, order_date, "
+        "ship_city) VALUES (20001, 'ALFKI', 1, '2024-06-04', 'Berlin')"
+    )
     await erp.execute("INSERT INTO order_details VALUES (20001, 11, 14.5, 3, 0)")
-    await erp.execute("UPDATE customers SET address = 'Obere Str. 58' WHERE customer_id = 'ALFKI'")
+    await erp.execute(
+        "UPDATE customers SET address = 'Obere Str. 58' WHERE customer_id = 'ALFKI'"
+    )
     await erp.execute("DELETE FROM order_details WHERE order_id = 10249")
     stats = await replicate(erp_case)
 
     for table in NORTHWIND_TABLES:
         await assert_mirrored(erp_case, table)
     assert stats.transactions == 5
-    assert await erp.fetchval("SELECT count(*) FROM order_details WHERE order_id = 10249") == 0
+    assert (
+        await erp.fetchval("SELECT count(*) FROM order_details WHERE order_id = 10249")
+        == 0
+    )
 
 
-async def test_types_are_exact_against_postgres_rendering(erp_case: ErpCase, connect) -> None:
+async def test_types_are_exact_against_postgres_rendering(
+    erp_case: ErpCase, connect
+) -> None:
     erp = await connect(erp_case.erp_dsn)
     await erp.execute("""
         CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -72,11 +95,14 @@ async def test_types_are_exact_against_postgres_rendering(erp_case: ErpCase, con
 
     assert await assert_mirrored(erp_case, "everything") == 3
     replica = await connect(erp_case.replica_dsn)
-    types = dict(await replica.fetch(
-        "SELECT column_name, format_type(a.atttypid, a.atttypmod) FROM "
-        "information_schema.columns c JOIN pg_attribute a ON a.attname = c.column_name "
-        "AND a.attrelid = 'erp.everything'::regclass WHERE table_schema = 'erp' "
-        "AND table_name = 'everything'"))
+    types = dict(
+        await replica.fetch(
+            "SELECT column_name, format_type(a.atttypid, a.atttypmod) FROM "
+            "information_schema.columns c JOIN pg_attribute a ON a.attname = c.column_name "
+            "AND a.attrelid = 'erp.everything'::regclass WHERE table_schema = 'erp' "
+            "AND table_name = 'everything'"
+        )
+    )
     assert types["n"] == "numeric(20,6)"
     assert types["m"] == "money"
     assert types["tz"] == "timestamp with time zone"
@@ -86,7 +112,9 @@ async def test_types_are_exact_against_postgres_rendering(erp_case: ErpCase, con
     assert await replica.fetchval("SELECT vc = '' FROM erp.everything WHERE id = 1")
 
 
-async def test_unchanged_toast_value_never_blanks_the_mirror(erp_case: ErpCase, connect) -> None:
+async def test_unchanged_toast_value_never_blanks_the_mirror(
+    erp_case: ErpCase, connect
+) -> None:
     """BUG-01: a TOASTed column left out of an UPDATE keeps its value, with either identity."""
     erp = await connect(erp_case.erp_dsn)
     await erp.execute("""
@@ -98,20 +126,30 @@ async def test_unchanged_toast_value_never_blanks_the_mirror(erp_case: ErpCase, 
     """)
     await replicate(erp_case)
 
-    await erp.execute("UPDATE customer SET phone = '555-0199' WHERE customer_code = 'C-1001'")
+    await erp.execute(
+        "UPDATE customer SET phone = '555-0199' WHERE customer_code = 'C-1001'"
+    )
     await replicate(erp_case)
     replica = await connect(erp_case.replica_dsn)
     mid = await replica.fetchrow("SELECT phone, length(notes) AS n FROM erp.customer")
     await erp.execute("ALTER TABLE customer REPLICA IDENTITY FULL")
-    await erp.execute("UPDATE customer SET name = 'Acme Tools Ltd' WHERE customer_code = 'C-1001'")
+    await erp.execute(
+        "UPDATE customer SET name = 'Acme Tools Ltd' WHERE customer_code = 'C-1001'"
+    )
     await replicate(erp_case)
 
     assert (mid["phone"], mid["n"]) == ("555-0199", 12000)
-    row = await replica.fetchrow("SELECT name, phone, length(notes) AS n, md5(notes) AS h "
-                                 "FROM erp.customer WHERE customer_code = 'C-1001'")
+    row = await replica.fetchrow(
+        "SELECT name, phone, length(notes) AS n, md5(notes) AS h "
+        "FROM erp.customer WHERE customer_code = 'C-1001'"
+    )
     source_hash = await erp.fetchval("SELECT md5(notes) FROM customer")
     assert (row["name"], row["phone"], row["n"], row["h"]) == (
-        "Acme Tools Ltd", "555-0199", 12000, source_hash)
+        "Acme Tools Ltd",
+        "555-0199",
+        12000,
+        source_hash,
+    )
 
 
 async def test_toast_unchanged_within_one_batch_after_insert_uses_inserted_value(
@@ -119,8 +157,10 @@ async def test_toast_unchanged_within_one_batch_after_insert_uses_inserted_value
 ) -> None:
     """An insert and a later partial update of one key in one batch collapse to the full row."""
     erp = await connect(erp_case.erp_dsn)
-    await erp.execute("CREATE TABLE doc (id int PRIMARY KEY, title text, body text);"
-                      "ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;")
+    await erp.execute(
+        "CREATE TABLE doc (id int PRIMARY KEY, title text, body text);"
+        "ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;"
+    )
     await replicate(erp_case)
 
     await erp.execute("INSERT INTO doc VALUES (1, 'a', repeat('x', 9000))")
@@ -133,8 +173,10 @@ async def test_toast_unchanged_within_one_batch_after_insert_uses_inserted_value
 
 async def test_primary_key_change_moves_the_row(erp_case: ErpCase, connect) -> None:
     erp = await connect(erp_case.erp_dsn)
-    await erp.execute("CREATE TABLE item (sku text PRIMARY KEY, qty int);"
-                      "INSERT INTO item VALUES ('A', 1), ('B', 2);")
+    await erp.execute(
+        "CREATE TABLE item (sku text PRIMARY KEY, qty int);"
+        "INSERT INTO item VALUES ('A', 1), ('B', 2);"
+    )
     await replicate(erp_case)
 
     await erp.execute("UPDATE item SET sku = 'A2', qty = 10 WHERE sku = 'A'")
@@ -145,7 +187,9 @@ async def test_primary_key_change_moves_the_row(erp_case: ErpCase, connect) -> N
     await assert_mirrored(erp_case, "item")
 
 
-async def test_truncate_cascade_empties_every_listed_mirror(erp_case: ErpCase, connect) -> None:
+async def test_truncate_cascade_empties_every_listed_mirror(
+    erp_case: ErpCase, connect
+) -> None:
     """BUG-04: one Truncate message names both tables; later inserts still arrive."""
     erp = await connect(erp_case.erp_dsn)
     await erp.execute("""
@@ -157,18 +201,25 @@ async def test_truncate_cascade_empties_every_listed_mirror(erp_case: ErpCase, c
     """)
     await replicate(erp_case)
 
-    await erp.execute("BEGIN; TRUNCATE price_list CASCADE; "
-                      "INSERT INTO price_list VALUES ('SKU-9', 12.50); COMMIT;")
+    await erp.execute(
+        "BEGIN; TRUNCATE price_list CASCADE; "
+        "INSERT INTO price_list VALUES ('SKU-9', 12.50); COMMIT;"
+    )
     await erp.execute("INSERT INTO price_list VALUES ('SKU-10', 3.00)")
     last_commit = await erp.fetchval("SELECT pg_current_wal_lsn()")
     await replicate(erp_case)
 
     assert await table_text(erp_case.replica_dsn, "erp.price_list") == [
-        "(SKU-10,3.00)", "(SKU-9,12.50)"]
+        "(SKU-10,3.00)",
+        "(SKU-9,12.50)",
+    ]
     assert await table_text(erp_case.replica_dsn, "erp.price_list_note") == []
     confirmed = await erp.fetchval(
         "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots "
-        "WHERE slot_name = $2", last_commit, erp_case.slot)
+        "WHERE slot_name = $2",
+        last_commit,
+        erp_case.slot,
+    )
     assert confirmed is True
 
 
@@ -185,24 +236,37 @@ async def test_columns_added_and_dropped_mid_stream_evolve_the_mirror(
     """)
     await replicate(erp_case)
 
-    await erp.execute("ALTER TABLE customer ADD COLUMN segment text NOT NULL DEFAULT 'retail'")
+    await erp.execute(
+        "ALTER TABLE customer ADD COLUMN segment text NOT NULL DEFAULT 'retail'"
+    )
     await erp.execute("ALTER TABLE customer ADD COLUMN payment_terms_days int")
-    await erp.execute("UPDATE customer SET payment_terms_days = 45 WHERE customer_code = 'C-1001'")
-    await erp.execute("INSERT INTO customer (customer_code, name, phone, segment) "
-                      "VALUES ('C-1004', 'Dune Logistics', '555-0400', 'wholesale')")
+    await erp.execute(
+        "UPDATE customer SET payment_terms_days = 45 WHERE customer_code = 'C-1001'"
+    )
+    await erp.execute(
+        "INSERT INTO customer (customer_code, name, phone, segment) "
+        "VALUES ('C-1004', 'Dune Logistics', '555-0400', 'wholesale')"
+    )
     await erp.execute("ALTER TABLE customer DROP COLUMN obsolete")
     await erp.execute("UPDATE customer SET phone = '22' WHERE customer_code = 'C-1002'")
     await replicate(erp_case)
 
     rows = await table_text(
         erp_case.replica_dsn,
-        "(SELECT customer_code, segment, payment_terms_days FROM erp.customer)")
-    assert rows == ["(C-1001,retail,45)", "(C-1002,retail,)", "(C-1003,retail,)",
-                    "(C-1004,wholesale,)"]
+        "(SELECT customer_code, segment, payment_terms_days FROM erp.customer)",
+    )
+    assert rows == [
+        "(C-1001,retail,45)",
+        "(C-1002,retail,)",
+        "(C-1003,retail,)",
+        "(C-1004,wholesale,)",
+    ]
     await assert_mirrored(erp_case, "customer")
 
 
-async def test_enum_label_added_mid_stream_is_applied_in_order(erp_case: ErpCase, connect) -> None:
+async def test_enum_label_added_mid_stream_is_applied_in_order(
+    erp_case: ErpCase, connect
+) -> None:
     """BUG-06: ADD VALUE sends no Relation message; the mirror's enum gains the label."""
     erp = await connect(erp_case.erp_dsn)
     await erp.execute("""
@@ -218,7 +282,9 @@ async def test_enum_label_added_mid_stream_is_applied_in_order(erp_case: ErpCase
     await replicate(erp_case)
 
     assert await table_text(erp_case.replica_dsn, "erp.fulfilment") == [
-        "(1,on_hold)", "(2,shipped)"]
+        "(1,on_hold)",
+        "(2,shipped)",
+    ]
 
 
 async def test_transaction_under_a_replication_origin_is_recognised(
@@ -249,9 +315,13 @@ async def test_large_streamed_transactions_commit_abort_and_subabort(
     small_memory = erp_case.erp_dsn + "?options=-c%20logical_decoding_work_mem%3D64kB"
     await replicate(erp_case, database={"dsn": small_memory})
 
-    await erp.execute("INSERT INTO big SELECT g, repeat('p', 200) FROM generate_series(1, 5000) g")
-    await erp.execute("BEGIN; INSERT INTO big SELECT g, 'gone' FROM generate_series(5001, 9000) g;"
-                      " ROLLBACK;")
+    await erp.execute(
+        "INSERT INTO big SELECT g, repeat('p', 200) FROM generate_series(1, 5000) g"
+    )
+    await erp.execute(
+        "BEGIN; INSERT INTO big SELECT g, 'gone' FROM generate_series(5001, 9000) g;"
+        " ROLLBACK;"
+    )
     await erp.execute("""
         BEGIN;
         INSERT INTO big SELECT g, 'kept' FROM generate_series(10001, 13000) g;

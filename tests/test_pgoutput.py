@@ -30,7 +30,9 @@ from replicator.sources.erp.pgoutput import (
 )
 
 T0 = dt.datetime(2024, 6, 4, 12, 0, tzinfo=dt.UTC)
-T0_MICROS = int((T0 - dt.datetime(2000, 1, 1, tzinfo=dt.UTC)).total_seconds() * 1_000_000)
+T0_MICROS = int(
+    (T0 - dt.datetime(2000, 1, 1, tzinfo=dt.UTC)).total_seconds() * 1_000_000
+)
 
 
 def cstr(text: str) -> bytes:
@@ -62,7 +64,9 @@ def test_begin_and_commit_carry_lsns_and_utc_times() -> None:
     decoder = Decoder()
 
     begin = decoder.decode(b"B" + struct.pack("!QqI", 0x1234, T0_MICROS, 77))
-    commit = decoder.decode(b"C" + struct.pack("!BQQq", 0, 0x1234, 0x1260, T0_MICROS + 5))
+    commit = decoder.decode(
+        b"C" + struct.pack("!BQQq", 0, 0x1234, 0x1260, T0_MICROS + 5)
+    )
 
     assert begin == Begin(0x1234, T0, 77)
     assert commit == Commit(0, 0x1234, 0x1260, T0 + dt.timedelta(microseconds=5))
@@ -83,7 +87,11 @@ def test_relation_lists_columns_with_key_flags_and_types() -> None:
     rel = Decoder().decode(b"R" + body)
 
     assert isinstance(rel, Relation)
-    assert (rel.namespace, rel.name, rel.replica_identity) == ("public", "customer", "d")
+    assert (rel.namespace, rel.name, rel.replica_identity) == (
+        "public",
+        "customer",
+        "d",
+    )
     assert [c.name for c in rel.columns] == ["code", "credit"]
     assert rel.key_indexes == (0,)
     assert rel.columns[1].type_oid == 1700
@@ -99,7 +107,9 @@ def test_relation_in_pg_catalog_has_empty_namespace_rendered_as_pg_catalog() -> 
 
 
 def test_type_message() -> None:
-    msg = Decoder().decode(b"Y" + struct.pack("!I", 5000) + cstr("public") + cstr("mood"))
+    msg = Decoder().decode(
+        b"Y" + struct.pack("!I", 5000) + cstr("public") + cstr("mood")
+    )
 
     assert msg == TypeMessage(5000, "public", "mood", None)
 
@@ -185,12 +195,15 @@ def test_stream_commit_and_abort() -> None:
     assert abort == StreamAbort(900, 901)
 
 
-@pytest.mark.parametrize("payload", [
-    b"Z",
-    b"I" + struct.pack("!I", 7) + b"X",
-    b"I" + struct.pack("!I", 7) + b"N" + struct.pack("!h", 1) + b"q",
-    b"B\x00\x01",
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"Z",
+        b"I" + struct.pack("!I", 7) + b"X",
+        b"I" + struct.pack("!I", 7) + b"N" + struct.pack("!h", 1) + b"q",
+        b"B\x00\x01",
+    ],
+)
 def test_malformed_messages_raise_decode_error(payload: bytes) -> None:
     with pytest.raises(DecodeError):
         Decoder().decode(payload)

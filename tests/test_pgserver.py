@@ -18,7 +18,8 @@ async def test_temporary_cluster_runs_logical_replication(source: str) -> None:
         conn = await asyncpg.connect(server.dsn())
         wal_level = await conn.fetchval("SHOW wal_level")
         slot = await conn.fetchval(
-            "SELECT slot_name FROM pg_create_logical_replication_slot('probe', 'pgoutput')")
+            "SELECT slot_name FROM pg_create_logical_replication_slot('probe', 'pgoutput')"
+        )
         await conn.close()
     finally:
         server.stop()

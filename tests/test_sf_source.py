@@ -25,23 +25,33 @@ pytestmark = pytest.mark.integration
 OBJECTS = ["Account", "Contact", "Opportunity", "Product__c"]
 
 
-def sf_settings(case: ErpCase, served: Served, objects: list[str] = OBJECTS) -> Settings:
-    return parse({
-        "replica": {"dsn": case.replica_dsn},
-        "salesforce": {
-            "login_url": served.url, "client_id": served.config.client_id,
-            "client_secret_env": "REPLICATOR_TEST_SF_SECRET",
-            "username": served.config.username, "password_env": "REPLICATOR_TEST_SF_PASSWORD",
-            "objects": objects, "long_poll_timeout_seconds": 2, "skew_seconds": 5,
-        },
-    })
+def sf_settings(
+    case: ErpCase, served: Served, objects: list[str] = OBJECTS
+) -> Settings:
+    return parse(
+        {
+            "replica": {"dsn": case.replica_dsn},
+            "salesforce": {
+                "login_url": served.url,
+                "client_id": served.config.client_id,
+                "client_secret_env": "REPLICATOR_TEST_SF_SECRET",
+                "username": served.config.username,
+                "password_env": "REPLICATOR_TEST_SF_PASSWORD",
+                "objects": objects,
+                "long_poll_timeout_seconds": 2,
+                "skew_seconds": 5,
+            },
+        }
+    )
 
 
 @pytest.fixture(autouse=True)
 def _sf_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     config = EmulatorConfig()
     monkeypatch.setenv("REPLICATOR_TEST_SF_SECRET", config.client_secret)
-    monkeypatch.setenv("REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token)
+    monkeypatch.setenv(
+        "REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token
+    )
 
 
 @dataclass
@@ -54,8 +64,9 @@ class Org:
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         url = f"{self.served.url}/services/data/v60.0{path}"
-        async with self.http.request(method, url, json=body, headers={
-            "Authorization": f"Bearer {self.token}"}) as resp:
+        async with self.http.request(
+            method, url, json=body, headers={"Authorization": f"Bearer {self.token}"}
+        ) as resp:
             text = await resp.text()
             assert resp.status < 300, (resp.status, text)
             return await resp.json() if text else None
@@ -94,7 +105,9 @@ async def running(settings: Settings) -> AsyncIterator[SalesforcePipeline]:
             await task
 
 
-async def eventually_mirrored(settings: Settings, timeout: float = 20) -> list[TableReport]:
+async def eventually_mirrored(
+    settings: Settings, timeout: float = 20
+) -> list[TableReport]:
     """Poll ``verify_sf`` until every mirror equals the org; fail with the last report."""
     reports: list[TableReport] = []
     with contextlib.suppress(TimeoutError):
@@ -104,8 +117,14 @@ async def eventually_mirrored(settings: Settings, timeout: float = 20) -> list[T
                 if all(r.ok for r in reports):
                     return reports
                 await asyncio.sleep(0.3)
-    pytest.fail("mirror never equalled the org: " + "; ".join(
-        f"{r.table}: missing {r.missing} extra {r.extra}" for r in reports if not r.ok))
+    pytest.fail(
+        "mirror never equalled the org: "
+        + "; ".join(
+            f"{r.table}: missing {r.missing} extra {r.extra}"
+            for r in reports
+            if not r.ok
+        )
+    )
 
 
 async def test_initial_load_then_live_changes_mirror_the_org(
@@ -115,13 +134,21 @@ async def test_initial_load_then_live_changes_mirror_the_org(
     async with running(settings), org_client(emulator) as org:
         loaded = await eventually_mirrored(settings)
         account = await org.create(
-            "Account", Name="Velo Works", BillingStreet="12 Harbor Rd",
-            BillingCity="Portsmouth", BillingState="NH", BillingPostalCode="03801",
-            BillingCountry="US", Phone="555-0100", AnnualRevenue=1234567.89)
+            "Account",
+            Name="Velo Works",
+            BillingStreet="12 Harbor Rd",
+            BillingCity="Portsmouth",
+            BillingState="NH",
+            BillingPostalCode="03801",
+            BillingCountry="US",
+            Phone="555-0100",
+            AnnualRevenue=1234567.89,
+        )
         await org.update("Account", account, BillingCity="Keene")
         await org.update("Account", account, Phone=None)
-        contact = await org.create("Contact", LastName="Okafor", FirstName="Ada",
-                                   AccountId=account)
+        contact = await org.create(
+            "Contact", LastName="Okafor", FirstName="Ada", AccountId=account
+        )
         await org.update("Contact", contact, FirstName="Adaeze")
         gone = await org.create("Account", Name="Short Lived")
         await org.delete("Account", gone)
@@ -131,12 +158,22 @@ async def test_initial_load_then_live_changes_mirror_the_org(
     replica = await asyncpg.connect(erp_case.replica_dsn)
     row = await replica.fetchrow(
         "SELECT billing_street, billing_city, billing_state, phone, annual_revenue::text "
-        "FROM sf.account WHERE id = $1", account)
-    deleted = await replica.fetchval("SELECT is_deleted FROM sf.account WHERE id = $1", gone)
-    name = await replica.fetchval("SELECT first_name FROM sf.contact WHERE id = $1", contact)
+        "FROM sf.account WHERE id = $1",
+        account,
+    )
+    deleted = await replica.fetchval(
+        "SELECT is_deleted FROM sf.account WHERE id = $1", gone
+    )
+    name = await replica.fetchval(
+        "SELECT first_name FROM sf.contact WHERE id = $1", contact
+    )
     await replica.close()
-    assert {r.table for r in loaded} == {"sf.account", "sf.contact", "sf.opportunity",
-                                         "sf.product__c"}
+    assert {r.table for r in loaded} == {
+        "sf.account",
+        "sf.contact",
+        "sf.opportunity",
+        "sf.product__c",
+    }
     assert min(r.source_rows for r in loaded if r.table == "sf.product__c") > 0
     assert tuple(row)[:4] == ("12 Harbor Rd", "Keene", "NH", None)
     assert float(row[4]) == in_org["AnnualRevenue"]
@@ -179,16 +216,30 @@ async def test_gap_events_reread_the_record_over_rest(
     assert refetched >= 1
 
 
-async def test_gap_overflow_catches_the_object_up(erp_case: ErpCase, emulator: Served) -> None:
+async def test_gap_overflow_catches_the_object_up(
+    erp_case: ErpCase, emulator: Served
+) -> None:
     settings = sf_settings(erp_case, emulator, ["Account"])
     async with running(settings) as pipeline, org_client(emulator) as org:
         await eventually_mirrored(settings)
         emulator.app[STREAMING_KEY].faults.set_overflow_threshold(3)
         ids = [await org.create("Account", Name=f"Bulk {i}") for i in range(6)]
-        await org.call("PATCH", "/composite/sobjects", {
-            "allOrNone": True,
-            "records": [{"attributes": {"type": "Account"}, "id": i, "Rating": "Hot",
-                         "Industry": "Retail"} for i in ids]})
+        await org.call(
+            "PATCH",
+            "/composite/sobjects",
+            {
+                "allOrNone": True,
+                "records": [
+                    {
+                        "attributes": {"type": "Account"},
+                        "id": i,
+                        "Rating": "Hot",
+                        "Industry": "Retail",
+                    }
+                    for i in ids
+                ],
+            },
+        )
         await eventually_mirrored(settings)
         catch_ups = pipeline.stats.catch_ups
 
@@ -204,14 +255,19 @@ async def test_long_text_diff_is_applied_and_a_stale_copy_is_reread(
     async with running(settings) as pipeline, org_client(emulator) as org:
         record = await org.create("Account", Name="Long Text Co", Description=text)
         await eventually_mirrored(settings)
-        await org.update("Account", record, Description=text.replace("line 7:", "line seven:"))
+        await org.update(
+            "Account", record, Description=text.replace("line 7:", "line seven:")
+        )
         await eventually_mirrored(settings)
         refetched_after_fit = pipeline.stats.refetched
         replica = await asyncpg.connect(erp_case.replica_dsn)
-        await replica.execute("UPDATE sf.account SET description = 'stale' WHERE id = $1",
-                              record)
+        await replica.execute(
+            "UPDATE sf.account SET description = 'stale' WHERE id = $1", record
+        )
         await replica.close()
-        await org.update("Account", record, Description=text.replace("line 9:", "line nine:"))
+        await org.update(
+            "Account", record, Description=text.replace("line 9:", "line nine:")
+        )
         await eventually_mirrored(settings)
         refetched_after_stale = pipeline.stats.refetched
 
@@ -222,8 +278,9 @@ async def test_long_text_diff_is_applied_and_a_stale_copy_is_reread(
 async def test_replay_id_outside_retention_heals_by_catch_up(
     erp_case: ErpCase, serve_emulator: ServeEmulator, tmp_path: Any
 ) -> None:
-    config = EmulatorConfig.ebikes(long_poll_timeout_seconds=2.0,
-                                   replay_retention_seconds=1.5)
+    config = EmulatorConfig.ebikes(
+        long_poll_timeout_seconds=2.0, replay_retention_seconds=1.5
+    )
     async with serve_emulator(config) as served:
         settings = sf_settings(erp_case, served, ["Account"])
         async with running(settings), org_client(served) as org:
@@ -240,10 +297,15 @@ async def test_replay_id_outside_retention_heals_by_catch_up(
 
     replica = await asyncpg.connect(erp_case.replica_dsn)
     history = await replica.fetchval(
-        "SELECT count(*) FROM replicator.checkpoint_history WHERE position = 'catch-up'")
-    names = await replica.fetch("SELECT name FROM sf.account WHERE id = ANY($1::text[])",
-                                [record, fresh])
+        "SELECT count(*) FROM replicator.checkpoint_history WHERE position = 'catch-up'"
+    )
+    names = await replica.fetch(
+        "SELECT name FROM sf.account WHERE id = ANY($1::text[])", [record, fresh]
+    )
     await replica.close()
     assert catch_ups == 1
     assert history == 1
-    assert sorted(r[0] for r in names) == ["Changed During Outage", "Created During Outage"]
+    assert sorted(r[0] for r in names) == [
+        "Changed During Outage",
+        "Created During Outage",
+    ]

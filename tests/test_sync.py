@@ -28,41 +28,66 @@ CREATE TABLE customer (customer_code text PRIMARY KEY, name text NOT NULL, phone
 
 
 def sync_settings(case: ErpCase, served: Served) -> Settings:
-    return parse({
-        "replica": {"dsn": case.replica_dsn},
-        "erp": {"database": {"dsn": case.erp_dsn}, "slot": case.slot,
-                "publication": case.publication, "heartbeat_seconds": 0.2,
-                "status_interval_seconds": 0.5},
-        "salesforce": {
-            "login_url": served.url, "client_id": served.config.client_id,
-            "client_secret_env": "REPLICATOR_TEST_SF_SECRET",
-            "username": served.config.username,
-            "password_env": "REPLICATOR_TEST_SF_PASSWORD", "objects": ["Account"],
-            "long_poll_timeout_seconds": 2, "skew_seconds": 5, "client_name": "ERPSync",
-        },
-        "ops": {"listen": ""},
-        # edits in this test follow each other within milliseconds
-        "sync": {"tie_window_seconds": 0.001},
-        "entities": [{
-            "name": "customer", "salesforce": "Account", "erp": "public.customer",
-            "external_id": "ERP_Customer_Code__c", "direction": "both",
-            "delete_policy": "mark",
-            "fields": [
-                {"name": "name", "salesforce": "Name", "erp": "name"},
-                {"name": "phone", "salesforce": "Phone", "erp": "phone"},
-                {"name": "city", "salesforce": "BillingCity", "erp": "billing_city"},
-                {"name": "state", "salesforce": "BillingState", "erp": "billing_state",
-                 "transform": "us_state"},
+    return parse(
+        {
+            "replica": {"dsn": case.replica_dsn},
+            "erp": {
+                "database": {"dsn": case.erp_dsn},
+                "slot": case.slot,
+                "publication": case.publication,
+                "heartbeat_seconds": 0.2,
+                "status_interval_seconds": 0.5,
+            },
+            "salesforce": {
+                "login_url": served.url,
+                "client_id": served.config.client_id,
+                "client_secret_env": "REPLICATOR_TEST_SF_SECRET",
+                "username": served.config.username,
+                "password_env": "REPLICATOR_TEST_SF_PASSWORD",
+                "objects": ["Account"],
+                "long_poll_timeout_seconds": 2,
+                "skew_seconds": 5,
+                "client_name": "ERPSync",
+            },
+            "ops": {"listen": ""},
+            # edits in this test follow each other within milliseconds
+            "sync": {"tie_window_seconds": 0.001},
+            "entities": [
+                {
+                    "name": "customer",
+                    "salesforce": "Account",
+                    "erp": "public.customer",
+                    "external_id": "ERP_Customer_Code__c",
+                    "direction": "both",
+                    "delete_policy": "mark",
+                    "fields": [
+                        {"name": "name", "salesforce": "Name", "erp": "name"},
+                        {"name": "phone", "salesforce": "Phone", "erp": "phone"},
+                        {
+                            "name": "city",
+                            "salesforce": "BillingCity",
+                            "erp": "billing_city",
+                        },
+                        {
+                            "name": "state",
+                            "salesforce": "BillingState",
+                            "erp": "billing_state",
+                            "transform": "us_state",
+                        },
+                    ],
+                }
             ],
-        }],
-    })
+        }
+    )
 
 
 @pytest.fixture(autouse=True)
 def _sf_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     config = EmulatorConfig()
     monkeypatch.setenv("REPLICATOR_TEST_SF_SECRET", config.client_secret)
-    monkeypatch.setenv("REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token)
+    monkeypatch.setenv(
+        "REPLICATOR_TEST_SF_PASSWORD", config.password + config.security_token
+    )
 
 
 @contextlib.asynccontextmanager
@@ -96,11 +121,15 @@ async def until(check: Callable[[], Awaitable[Any]], timeout: float = 25) -> Any
     pytest.fail(f"condition never held (last value {last!r})")
 
 
-
 async def account_by_code(org: Org, code: str) -> dict[str, Any] | None:
-    body = await org.call("GET", "/query?q=" + (
-        "SELECT Id, Name, Phone, BillingCity, BillingState FROM Account "
-        f"WHERE ERP_Customer_Code__c = '{code}'").replace(" ", "+"))
+    body = await org.call(
+        "GET",
+        "/query?q="
+        + (
+            "SELECT Id, Name, Phone, BillingCity, BillingState FROM Account "
+            f"WHERE ERP_Customer_Code__c = '{code}'"
+        ).replace(" ", "+"),
+    )
     return body["records"][0] if body["records"] else None
 
 
@@ -113,33 +142,53 @@ async def test_changes_flow_both_ways_with_transforms_and_no_echo_loop(
         settings = sync_settings(erp_case, served)
         async with syncing(settings):
             # a customer entered in the ERP is created in Salesforce, state as a code
-            await erp.execute("INSERT INTO customer VALUES ('C-1001', 'Acme Tools', "
-                              "'555-0100', 'Portsmouth', 'New Hampshire')")
+            await erp.execute(
+                "INSERT INTO customer VALUES ('C-1001', 'Acme Tools', "
+                "'555-0100', 'Portsmouth', 'New Hampshire')"
+            )
             created = await until(lambda: account_by_code(org, "C-1001"))
             # a Salesforce edit reaches the ERP, the state as a name
-            await org.update("Account", created["Id"], Phone="555-0199", BillingState="VT",
-                             BillingCity="Burlington")
-            erp_row = await until(lambda: erp.fetchrow(
-                "SELECT phone, billing_city, billing_state FROM customer "
-                "WHERE customer_code = 'C-1001' AND phone = '555-0199'"))
+            await org.update(
+                "Account",
+                created["Id"],
+                Phone="555-0199",
+                BillingState="VT",
+                BillingCity="Burlington",
+            )
+            erp_row = await until(
+                lambda: erp.fetchrow(
+                    "SELECT phone, billing_city, billing_state FROM customer "
+                    "WHERE customer_code = 'C-1001' AND phone = '555-0199'"
+                )
+            )
             # an ERP edit reaches Salesforce
-            await erp.execute("UPDATE customer SET name = 'Acme Tools Ltd' "
-                              "WHERE customer_code = 'C-1001'")
+            await erp.execute(
+                "UPDATE customer SET name = 'Acme Tools Ltd' "
+                "WHERE customer_code = 'C-1001'"
+            )
             renamed = await until(lambda: _named(org, "Acme Tools Ltd"))
             await asyncio.sleep(3)  # let any echo come back and settle
             replica = await asyncpg.connect(erp_case.replica_dsn)
             writes = await replica.fetch(
-                "SELECT target, fields::text FROM replicator.outbox ORDER BY id")
+                "SELECT target, fields::text FROM replicator.outbox ORDER BY id"
+            )
             unified = await replica.fetchrow(
-                "SELECT sf_id, erp_key, name, phone, city, state FROM unified.customer")
+                "SELECT sf_id, erp_key, name, phone, city, state FROM unified.customer"
+            )
             await replica.close()
 
     await erp.close()
     assert created["BillingState"] == "NH"
     assert tuple(erp_row) == ("555-0199", "Burlington", "Vermont")
     assert renamed["Id"] == created["Id"]
-    assert tuple(unified) == (created["Id"], "C-1001", "Acme Tools Ltd", "555-0199",
-                              "Burlington", "Vermont")
+    assert tuple(unified) == (
+        created["Id"],
+        "C-1001",
+        "Acme Tools Ltd",
+        "555-0199",
+        "Burlington",
+        "Vermont",
+    )
     # one write per user edit and target: create in SF, the SF edit to the ERP,
     # the rename to SF; the echoes of those writes caused none
     assert [w["target"] for w in writes] == ["salesforce", "erp", "salesforce"]

@@ -25,25 +25,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8443, help="port (default 8443)")
     parser.add_argument(
-        "--data-dir", type=Path, default=None,
+        "--data-dir",
+        type=Path,
+        default=None,
         help="keep the org in this folder across restarts (default: in memory)",
     )
     parser.add_argument(
-        "--seed-ebikes", action=argparse.BooleanOptionalAction, default=True,
+        "--seed-ebikes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="load the E-Bikes sample objects and data (default: on)",
     )
     parser.add_argument(
-        "--metadata-dir", type=Path, action="append", default=[],
+        "--metadata-dir",
+        type=Path,
+        action="append",
+        default=[],
         help="an SFDX 'objects' folder to load (repeatable)",
     )
     parser.add_argument(
-        "--data-plan", type=Path, action="append", default=[],
+        "--data-plan",
+        type=Path,
+        action="append",
+        default=[],
         help="an sObject Tree data plan to seed (repeatable)",
     )
-    parser.add_argument("--api-limit", type=int, default=100_000,
-                        help="daily API request budget")
-    parser.add_argument("--token-ttl", type=float, default=7200.0,
-                        help="access token lifetime in seconds")
+    parser.add_argument(
+        "--api-limit", type=int, default=100_000, help="daily API request budget"
+    )
+    parser.add_argument(
+        "--token-ttl",
+        type=float,
+        default=7200.0,
+        help="access token lifetime in seconds",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:

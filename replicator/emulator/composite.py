@@ -73,9 +73,9 @@ def _run(
                 raise _RollBack
     except _RollBack:
         results = [
-            r if not r["success"] else {
-                "id": None, "success": False, "errors": [dict(_ROLLED_BACK)]
-            }
+            r
+            if not r["success"]
+            else {"id": None, "success": False, "errors": [dict(_ROLLED_BACK)]}
             for r in results
         ]
     return rest.json_response(results)

@@ -196,8 +196,9 @@ def describe_object(
         childRelationships=_child_relationships(schema, obj),
         fields=[describe_field(f) for f in obj.fields.values()],
         recordTypeInfos=[],
-        supportedScopes=[{"label": "All " + (obj.label_plural or obj.name),
-                          "name": "everything"}],
+        supportedScopes=[
+            {"label": "All " + (obj.label_plural or obj.name), "name": "everything"}
+        ],
     )
     return result
 

@@ -32,7 +32,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # the path, when there is one.
 FAULT_ERRORS: dict[str, tuple[int, str, str]] = {
     "REQUEST_LIMIT_EXCEEDED": (
-        403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded."
+        403,
+        "REQUEST_LIMIT_EXCEEDED",
+        "TotalRequests Limit exceeded.",
     ),
     "UNABLE_TO_LOCK_ROW": (
         400,
@@ -264,8 +266,13 @@ async def _undelete(request: web.Request) -> web.Response:
             try:
                 tx.undelete(None, str(record_id))
             except ApiError as exc:
-                results.append({"id": record_id, "success": False,
-                                "errors": [exc.collection_body()]})
+                results.append(
+                    {
+                        "id": record_id,
+                        "success": False,
+                        "errors": [exc.collection_body()],
+                    }
+                )
             else:
                 results.append({"id": record_id, "success": True, "errors": []})
     return _ok(results)

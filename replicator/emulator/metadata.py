@@ -48,8 +48,11 @@ _TYPES: dict[str, tuple[str, int]] = {
     "AutoNumber": ("string", 30),
     "Summary": ("double", 0),
 }
-_EXTRA_TYPE_INFO = {"TextArea": "plaintextarea", "LongTextArea": "plaintextarea",
-                    "Html": "richtextarea"}
+_EXTRA_TYPE_INFO = {
+    "TextArea": "plaintextarea",
+    "LongTextArea": "plaintextarea",
+    "Html": "richtextarea",
+}
 
 
 def custom_prefix(index: int) -> str:
@@ -100,8 +103,7 @@ def parse_field(path: Path) -> FieldSchema:
         createable=not calculated,
         updateable=not calculated
         and not (
-            meta_type == "MasterDetail"
-            and not _flag(root, "reparentableMasterDetail")
+            meta_type == "MasterDetail" and not _flag(root, "reparentableMasterDetail")
         ),
         calculated=calculated,
         external_id=_flag(root, "externalId"),
@@ -128,8 +130,14 @@ def _bool(value: str | None) -> bool | None:
 
 
 def _formula_type(return_type: str | None) -> str:
-    mapping = {"Number": "double", "Currency": "currency", "Percent": "percent",
-               "Checkbox": "boolean", "Date": "date", "DateTime": "datetime"}
+    mapping = {
+        "Number": "double",
+        "Currency": "currency",
+        "Percent": "percent",
+        "Checkbox": "boolean",
+        "Date": "date",
+        "DateTime": "datetime",
+    }
     return mapping.get(return_type or "Text", "string")
 
 
@@ -154,8 +162,13 @@ def _name_field(root: ET.Element) -> FieldSchema:
     label = (_text(element, "label") if element is not None else None) or "Name"
     if element is not None and _text(element, "type") == "AutoNumber":
         return FieldSchema(
-            "Name", "string", label=label, length=80, nillable=False,
-            createable=False, updateable=False,
+            "Name",
+            "string",
+            label=label,
+            length=80,
+            nillable=False,
+            createable=False,
+            updateable=False,
             auto_number_format=_text(element, "displayFormat") or "{0}",
         )
     return FieldSchema("Name", "string", label=label, length=80)

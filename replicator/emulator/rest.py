@@ -203,9 +203,14 @@ async def _guarded(
     header = request.headers.get("Authorization")
     session = app[TOKENS_KEY].validate(header)
     if session is None:
-        if header and len(header.split()) > 1 and header.split()[0].lower() not in (
-            "bearer",
-            "oauth",
+        if (
+            header
+            and len(header.split()) > 1
+            and header.split()[0].lower()
+            not in (
+                "bearer",
+                "oauth",
+            )
         ):
             raise ApiError(401, "INVALID_AUTH_HEADER", "INVALID_HEADER_TYPE")
         raise ApiError(401, "INVALID_SESSION_ID", "Session expired or invalid")
@@ -219,9 +224,9 @@ async def _guarded(
             extra={"error": failure.error_code, "path": request.path},
         )
         raise failure
-    if version not in {v["version"] for v in supported_versions(
-        app[CONFIG_KEY].api_version
-    )}:
+    if version not in {
+        v["version"] for v in supported_versions(app[CONFIG_KEY].api_version)
+    }:
         raise ApiError(404, "NOT_FOUND", "The requested resource does not exist")
     try:
         return await handler(request)
@@ -393,9 +398,10 @@ async def by_external_id(request: web.Request) -> web.Response:
     matches = state.match_external_id(obj.name, field_name, value)
     if len(matches) > 1:
         raise ApiError(
-            300, "MULTIPLE_CHOICES", "", matches=tuple(
-                record_url(version, obj.name, m) for m in matches
-            )
+            300,
+            "MULTIPLE_CHOICES",
+            "",
+            matches=tuple(record_url(version, obj.name, m) for m in matches),
         )
     if not matches:
         raise ApiError(404, "NOT_FOUND", "The requested resource does not exist")

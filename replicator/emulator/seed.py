@@ -71,8 +71,12 @@ def ensure_user(state: OrgState, username: str) -> str:
 
 def seed_org(state: OrgState, config: EmulatorConfig) -> None:
     """Load the configured seed data into an org that holds no records yet."""
-    if any(True for name in state.schema.objects if name != "User"
-           for _ in state.records(name, include_deleted=True)):
+    if any(
+        True
+        for name in state.schema.objects
+        if name != "User"
+        for _ in state.records(name, include_deleted=True)
+    ):
         logger.info("seed skipped: org has records")
         return
     user_id = ensure_user(state, config.username)
@@ -173,8 +177,9 @@ def _child_field(
     )
 
 
-def _account(ref: str, name: str, street: str, city: str, state: str,
-             postal: str, **extra: Any) -> dict[str, Any]:
+def _account(
+    ref: str, name: str, street: str, city: str, state: str, postal: str, **extra: Any
+) -> dict[str, Any]:
     return {
         "attributes": {"type": "Account", "referenceId": ref},
         "Name": name,
@@ -190,42 +195,116 @@ def _account(ref: str, name: str, street: str, city: str, state: str,
 # A few standard records with realistic values: US billing addresses carry
 # state codes (NH, VT, ME), as Salesforce orgs with state picklists store them.
 STANDARD_SEED: list[dict[str, Any]] = [
-    _account("StdAccount1", "Acme Tools", "12 Harbor Rd", "Portsmouth", "NH", "03801",
-             Phone="555-0100", Industry="Machinery", Rating="Warm",
-             Type="Customer - Direct",
-             Contacts={"records": [
-                 {"attributes": {"type": "Contact", "referenceId": "StdContact1"},
-                  "FirstName": "Dana", "LastName": "Whitfield", "Salutation": "Ms.",
-                  "Title": "Purchasing Manager", "Email": "dana.whitfield@acme.example",
-                  "Phone": "555-0101", "MailingStreet": "12 Harbor Rd",
-                  "MailingCity": "Portsmouth", "MailingState": "NH",
-                  "MailingPostalCode": "03801", "MailingCountry": "US"},
-             ]}),
-    _account("StdAccount2", "Birch Supply", "4 Mill St", "Keene", "NH", "03431",
-             Phone="555-0200", Industry="Retail", Rating="Cold",
-             Type="Customer - Channel",
-             Contacts={"records": [
-                 {"attributes": {"type": "Contact", "referenceId": "StdContact2"},
-                  "FirstName": "Luis", "LastName": "Ortega", "Title": "Owner",
-                  "Email": "luis@birchsupply.example", "Phone": "555-0201"},
-             ]}),
-    _account("StdAccount3", "Green Mountain Cycles", "88 Church St", "Burlington",
-             "VT", "05401", Phone="802-555-0142", Industry="Recreation",
-             Website="https://greenmountaincycles.example"),
-    _account("StdAccount4", "Casco Bay Outfitters", "210 Commercial St", "Portland",
-             "ME", "04101", Phone="207-555-0178", Industry="Retail", Rating="Hot"),
-    {"attributes": {"type": "Pricebook2", "referenceId": "StdPricebook"},
-     "Name": "Standard Price Book", "IsActive": True, "IsStandard": True},
-    {"attributes": {"type": "Product2", "referenceId": "StdProduct1"},
-     "Name": "Trail Helmet", "ProductCode": "HLM-100", "Family": "Accessories",
-     "IsActive": True, "StockKeepingUnit": "HLM-100-M"},
-    {"attributes": {"type": "Product2", "referenceId": "StdProduct2"},
-     "Name": "Commuter E-Bike", "ProductCode": "EBK-200", "Family": "Bikes",
-     "IsActive": True, "StockKeepingUnit": "EBK-200-L"},
-    {"attributes": {"type": "PricebookEntry", "referenceId": "StdEntry1"},
-     "Pricebook2Id": "@StdPricebook", "Product2Id": "@StdProduct1",
-     "UnitPrice": 89.0, "IsActive": True},
-    {"attributes": {"type": "PricebookEntry", "referenceId": "StdEntry2"},
-     "Pricebook2Id": "@StdPricebook", "Product2Id": "@StdProduct2",
-     "UnitPrice": 2499.0, "IsActive": True},
+    _account(
+        "StdAccount1",
+        "Acme Tools",
+        "12 Harbor Rd",
+        "Portsmouth",
+        "NH",
+        "03801",
+        Phone="555-0100",
+        Industry="Machinery",
+        Rating="Warm",
+        Type="Customer - Direct",
+        Contacts={
+            "records": [
+                {
+                    "attributes": {"type": "Contact", "referenceId": "StdContact1"},
+                    "FirstName": "Dana",
+                    "LastName": "Whitfield",
+                    "Salutation": "Ms.",
+                    "Title": "Purchasing Manager",
+                    "Email": "dana.whitfield@acme.example",
+                    "Phone": "555-0101",
+                    "MailingStreet": "12 Harbor Rd",
+                    "MailingCity": "Portsmouth",
+                    "MailingState": "NH",
+                    "MailingPostalCode": "03801",
+                    "MailingCountry": "US",
+                },
+            ]
+        },
+    ),
+    _account(
+        "StdAccount2",
+        "Birch Supply",
+        "4 Mill St",
+        "Keene",
+        "NH",
+        "03431",
+        Phone="555-0200",
+        Industry="Retail",
+        Rating="Cold",
+        Type="Customer - Channel",
+        Contacts={
+            "records": [
+                {
+                    "attributes": {"type": "Contact", "referenceId": "StdContact2"},
+                    "FirstName": "Luis",
+                    "LastName": "Ortega",
+                    "Title": "Owner",
+                    "Email": "luis@birchsupply.example",
+                    "Phone": "555-0201",
+                },
+            ]
+        },
+    ),
+    _account(
+        "StdAccount3",
+        "Green Mountain Cycles",
+        "88 Church St",
+        "Burlington",
+        "VT",
+        "05401",
+        Phone="802-555-0142",
+        Industry="Recreation",
+        Website="https://greenmountaincycles.example",
+    ),
+    _account(
+        "StdAccount4",
+        "Casco Bay Outfitters",
+        "210 Commercial St",
+        "Portland",
+        "ME",
+        "04101",
+        Phone="207-555-0178",
+        Industry="Retail",
+        Rating="Hot",
+    ),
+    {
+        "attributes": {"type": "Pricebook2", "referenceId": "StdPricebook"},
+        "Name": "Standard Price Book",
+        "IsActive": True,
+        "IsStandard": True,
+    },
+    {
+        "attributes": {"type": "Product2", "referenceId": "StdProduct1"},
+        "Name": "Trail Helmet",
+        "ProductCode": "HLM-100",
+        "Family": "Accessories",
+        "IsActive": True,
+        "StockKeepingUnit": "HLM-100-M",
+    },
+    {
+        "attributes": {"type": "Product2", "referenceId": "StdProduct2"},
+        "Name": "Commuter E-Bike",
+        "ProductCode": "EBK-200",
+        "Family": "Bikes",
+        "IsActive": True,
+        "StockKeepingUnit": "EBK-200-L",
+    },
+    {
+        "attributes": {"type": "PricebookEntry", "referenceId": "StdEntry1"},
+        "Pricebook2Id": "@StdPricebook",
+        "Product2Id": "@StdProduct1",
+        "UnitPrice": 89.0,
+        "IsActive": True,
+    },
+    {
+        "attributes": {"type": "PricebookEntry", "referenceId": "StdEntry2"},
+        "Pricebook2Id": "@StdPricebook",
+        "Product2Id": "@StdProduct2",
+        "UnitPrice": 2499.0,
+        "IsActive": True,
+    },
 ]

@@ -427,9 +427,7 @@ class OrgState:
     def remove_listener(self, listener: ChangeListener) -> None:
         self._listeners.remove(listener)
 
-    def add_automation(
-        self, object_name: str, fn: Automation
-    ) -> Callable[[], None]:
+    def add_automation(self, object_name: str, fn: Automation) -> Callable[[], None]:
         """Run ``fn`` on every API write of ``object_name``; return its remover."""
         obj = self.object(object_name)
         self._automations.setdefault(obj.name, []).append(fn)
@@ -644,4 +642,4 @@ def _format_auto_number(display_format: str, number: int) -> str:
     if start < 0 or end < 0:
         return f"{display_format}{number}"
     width = end - start - 1
-    return f"{display_format[:start]}{number:0{width}d}{display_format[end + 1:]}"
+    return f"{display_format[:start]}{number:0{width}d}{display_format[end + 1 :]}"

@@ -27,8 +27,17 @@ __all__ = [
 ]
 
 TEXT_TYPES = frozenset(
-    {"string", "textarea", "email", "phone", "url", "picklist", "multipicklist",
-     "combobox", "encryptedstring"}
+    {
+        "string",
+        "textarea",
+        "email",
+        "phone",
+        "url",
+        "picklist",
+        "multipicklist",
+        "combobox",
+        "encryptedstring",
+    }
 )
 NUMBER_TYPES = frozenset({"double", "currency", "percent"})
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
@@ -199,8 +208,7 @@ def _text(field: FieldSchema, value: Any) -> str:
                 raise ApiError(
                     400,
                     "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST",
-                    f"{_label(field)}: bad value for restricted picklist field: "
-                    f"{item}",
+                    f"{_label(field)}: bad value for restricted picklist field: {item}",
                     fields=(field.name,),
                 )
     return text
@@ -242,9 +250,7 @@ def _date(value: Any) -> str:
     raise _parser_error("date", value)
 
 
-def _reference(
-    field: FieldSchema, value: Any, lookup: ReferenceLookup | None
-) -> str:
+def _reference(field: FieldSchema, value: Any, lookup: ReferenceLookup | None) -> str:
     wrong_type = ApiError(
         400,
         "MALFORMED_ID",

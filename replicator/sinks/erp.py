@@ -228,11 +228,15 @@ class ErpSink:
         if changing:
             # An existing row first: a partial row would fail NOT NULL checks
             # in the INSERT even though ON CONFLICT would have updated it.
-            where = " AND ".join(f"t.{quote_ident(c)} = r.{quote_ident(c)}" for c in key)
+            where = " AND ".join(
+                f"t.{quote_ident(c)} = r.{quote_ident(c)}" for c in key
+            )
             sets = ", ".join(f"{quote_ident(c)} = r.{quote_ident(c)}" for c in changing)
             updated = await self.conn.execute(
                 f"UPDATE {table} t SET {sets} FROM json_populate_record(NULL::{table}, "
-                f"$1::json) r WHERE {where}", _json(row))
+                f"$1::json) r WHERE {where}",
+                _json(row),
+            )
             if updated != "UPDATE 0":
                 return {"key": _key_text(key), "created": False}
         updates = ", ".join(

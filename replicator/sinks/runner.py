@@ -35,8 +35,14 @@ class OutboxResolver:
 
     def salesforce(self, row: OutboxRow) -> SfWrite:
         entity = self.entities[row.entity]
-        return SfWrite(row.id, entity.salesforce, row.target_key or None, entity.external_id,
-                       row.operation, dict(row.fields))
+        return SfWrite(
+            row.id,
+            entity.salesforce,
+            row.target_key or None,
+            entity.external_id,
+            row.operation,
+            dict(row.fields),
+        )
 
     def erp(self, row: OutboxRow) -> ErpWrite:
         entity = self.entities[row.entity]
@@ -51,11 +57,13 @@ class OutboxResolver:
             fields[entity.erp_sf_id_column] = sf_id
             match = {entity.erp_sf_id_column: sf_id}
         new_key = key_columns[0] if not key and len(key_columns) == 1 else None
-        return ErpWrite(row.id, entity.erp, key, row.operation, fields, new_key=new_key,
-                        match=match)
+        return ErpWrite(
+            row.id, entity.erp, key, row.operation, fields, new_key=new_key, match=match
+        )
 
-    async def on_done(self, conn: asyncpg.Connection, row: OutboxRow,
-                      result: WriteResult) -> None:
+    async def on_done(
+        self, conn: asyncpg.Connection, row: OutboxRow, result: WriteResult
+    ) -> None:
         if row.target_key or not result.record_id or row.operation != "upsert":
             return
         unified_id = (row.cause or {}).get("unified_id")
@@ -63,17 +71,25 @@ class OutboxResolver:
         if unified_id:
             await conn.execute(
                 f"UPDATE unified.{quote_ident(row.entity)} SET {column} = $1 "
-                f"WHERE unified_id = $2 AND {column} IS NULL", result.record_id, unified_id)
+                f"WHERE unified_id = $2 AND {column} IS NULL",
+                result.record_id,
+                unified_id,
+            )
             await conn.execute(
                 "UPDATE replicator.outbox SET target_key = $1 WHERE entity = $2 AND "
                 "target = $3 AND target_key = '' AND status = 'pending' AND "
-                "cause->>'unified_id' = $4", result.record_id, row.entity, row.target,
-                unified_id)
+                "cause->>'unified_id' = $4",
+                result.record_id,
+                row.entity,
+                row.target,
+                unified_id,
+            )
 
 
 async def _erp_keys(replica: asyncpg.Connection) -> dict[str, list[str]]:
     rows = await replica.fetch(
-        "SELECT source_table, key_columns FROM replicator.mirror_tables WHERE stream = 'erp'")
+        "SELECT source_table, key_columns FROM replicator.mirror_tables WHERE stream = 'erp'"
+    )
     return {r["source_table"]: orjson.loads(r["key_columns"]) for r in rows}
 
 
@@ -96,12 +112,23 @@ async def run_outbox(settings: Settings, stop: asyncio.Event) -> None:
             if settings.salesforce is not None:
                 auth = build_authenticator(settings.salesforce)
                 await auth.login()
-                rest = RestClient(auth, http, api_version=settings.salesforce.api_version,
-                                  client_name=settings.salesforce.client_name, attempts=1)
+                rest = RestClient(
+                    auth,
+                    http,
+                    api_version=settings.salesforce.api_version,
+                    client_name=settings.salesforce.client_name,
+                    attempts=1,
+                )
                 sf_sink = SalesforceSink(rest)
-            worker = OutboxWorker(replica, salesforce=sf_sink, erp=erp_sink,
-                                  resolve_sf=resolver.salesforce, resolve_erp=resolver.erp,
-                                  on_done=resolver.on_done, idle_timeout=5.0)
+            worker = OutboxWorker(
+                replica,
+                salesforce=sf_sink,
+                erp=erp_sink,
+                resolve_sf=resolver.salesforce,
+                resolve_erp=resolver.erp,
+                on_done=resolver.on_done,
+                idle_timeout=5.0,
+            )
             await worker.run(stop)
     finally:
         await replica.close()

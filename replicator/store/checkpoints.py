@@ -30,16 +30,29 @@ class Checkpoint:
 async def load(conn: asyncpg.Connection, stream: str) -> Checkpoint | None:
     row = await conn.fetchrow(
         "SELECT stream, position, lsn, system_identifier, timeline, slot_name, "
-        "details, updated_at FROM replicator.checkpoints WHERE stream = $1", stream)
+        "details, updated_at FROM replicator.checkpoints WHERE stream = $1",
+        stream,
+    )
     if row is None:
         return None
     return Checkpoint(
-        row["stream"], row["position"], row["lsn"], row["system_identifier"],
-        row["timeline"], row["slot_name"], orjson.loads(row["details"]), row["updated_at"])
+        row["stream"],
+        row["position"],
+        row["lsn"],
+        row["system_identifier"],
+        row["timeline"],
+        row["slot_name"],
+        orjson.loads(row["details"]),
+        row["updated_at"],
+    )
 
 
 async def save(
-    conn: asyncpg.Connection, cp: Checkpoint, *, reason: str, changes: int = 0,
+    conn: asyncpg.Connection,
+    cp: Checkpoint,
+    *,
+    reason: str,
+    changes: int = 0,
     history: bool = True,
 ) -> None:
     """Store ``cp``; call inside the transaction that applied what it covers."""
@@ -50,15 +63,28 @@ async def save(
         "SET position = excluded.position, lsn = excluded.lsn, system_identifier = "
         "excluded.system_identifier, timeline = excluded.timeline, slot_name = "
         "excluded.slot_name, details = excluded.details, updated_at = now()",
-        cp.stream, cp.position, cp.lsn, cp.system_identifier, cp.timeline,
-        cp.slot_name, orjson.dumps(cp.details).decode())
+        cp.stream,
+        cp.position,
+        cp.lsn,
+        cp.system_identifier,
+        cp.timeline,
+        cp.slot_name,
+        orjson.dumps(cp.details).decode(),
+    )
     if history:
         await conn.execute(
             "INSERT INTO replicator.checkpoint_history (stream, position, lsn, "
             "system_identifier, timeline, slot_name, reason, changes) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            cp.stream, cp.position, cp.lsn, cp.system_identifier, cp.timeline,
-            cp.slot_name, reason, changes)
+            cp.stream,
+            cp.position,
+            cp.lsn,
+            cp.system_identifier,
+            cp.timeline,
+            cp.slot_name,
+            reason,
+            changes,
+        )
 
 
 async def delete(conn: asyncpg.Connection, stream: str) -> None:

@@ -83,7 +83,9 @@ class TableChanges:
         previous = self.rows.get(key)
         if previous is not None and previous[0] != OP_DELETE:
             old = previous[1]
-            values = tuple(o if v is UNCHANGED else v for v, o in zip(values, old, strict=True))
+            values = tuple(
+                o if v is UNCHANGED else v for v, o in zip(values, old, strict=True)
+            )
             op = OP_PATCH if UNCHANGED in values else OP_UPSERT
             if previous[0] == OP_UPSERT:
                 op = OP_UPSERT
@@ -146,8 +148,12 @@ def render_copy(changes: TableChanges) -> tuple[bytes, dict[tuple[int, ...], int
     except TypeError:  # a bytes or NULL key value
         return _render_copy_escaped(changes)
     text = "\n".join(lines) + "\n"
-    if (text.count("\\") == nulls and "\r" not in text
-            and text.count("\n") == len(rows) and text.count("\t") == (width + 1) * len(rows)):
+    if (
+        text.count("\\") == nulls
+        and "\r" not in text
+        and text.count("\n") == len(rows)
+        and text.count("\t") == (width + 1) * len(rows)
+    ):
         return text.encode(), {}
     return _render_copy_escaped(changes)
 
@@ -163,14 +169,18 @@ def render_rows(rows: list[tuple[Value, ...]], width: int) -> bytes:
                 values = tuple("\\N" if v is None else v for v in values)
             lines.append("\t".join(values))  # type: ignore[arg-type]
         text = "\n".join(lines) + "\n"
-        if (text.count("\\") == nulls and "\r" not in text
-                and text.count("\n") == len(rows)
-                and text.count("\t") == (width - 1) * len(rows)):
+        if (
+            text.count("\\") == nulls
+            and "\r" not in text
+            and text.count("\n") == len(rows)
+            and text.count("\t") == (width - 1) * len(rows)
+        ):
             return text.encode()
     except TypeError:  # a bytes value
         pass
     return "".join(
-        "\t".join(map(_copy_field, values)) + "\n" for values in rows).encode()
+        "\t".join(map(_copy_field, values)) + "\n" for values in rows
+    ).encode()
 
 
 def _render_copy_escaped(
@@ -198,8 +208,12 @@ class MirrorStore:
     """Create, evolve and write the ``erp`` mirror tables on one replica connection."""
 
     def __init__(
-        self, conn: asyncpg.Connection, stream: str,
-        ddl_conn: asyncpg.Connection | None = None, *, schema: str = MIRROR_SCHEMA,
+        self,
+        conn: asyncpg.Connection,
+        stream: str,
+        ddl_conn: asyncpg.Connection | None = None,
+        *,
+        schema: str = MIRROR_SCHEMA,
     ) -> None:
         self.conn = conn
         self.stream = stream
@@ -213,13 +227,21 @@ class MirrorStore:
         """Return the mirror recorded for ``source`` (schema.table), if any."""
         row = await self.conn.fetchrow(
             "SELECT mirror_table, columns, key_columns FROM replicator.mirror_tables "
-            "WHERE stream = $1 AND source_table = $2", self.stream, source)
+            "WHERE stream = $1 AND source_table = $2",
+            self.stream,
+            source,
+        )
         if row is None:
             return None
         cols = orjson.loads(row["columns"])
-        return MirrorTable(row["mirror_table"], source, [c[0] for c in cols],
-                           [c[1] for c in cols], tuple(orjson.loads(row["key_columns"])),
-                           schema=self.schema)
+        return MirrorTable(
+            row["mirror_table"],
+            source,
+            [c[0] for c in cols],
+            [c[1] for c in cols],
+            tuple(orjson.loads(row["key_columns"])),
+            schema=self.schema,
+        )
 
     async def ensure_enum(self, enum: EnumType) -> None:
         """Create the enum in the replica, or add the labels it lacks (BUG-06)."""
@@ -228,7 +250,9 @@ class MirrorStore:
             "SELECT array(SELECT e.enumlabel FROM pg_enum e WHERE e.enumtypid = t.oid "
             "ORDER BY e.enumsortorder) FROM pg_type t JOIN pg_namespace n "
             "ON n.oid = t.typnamespace WHERE n.nspname = $1 AND t.typname = $2",
-            MIRROR_SCHEMA, enum.name)
+            MIRROR_SCHEMA,
+            enum.name,
+        )
         if existing is None:
             labels = ", ".join(_literal(label) for label in enum.labels)
             await self.conn.execute(f"CREATE TYPE {name} AS ENUM ({labels})")
@@ -236,17 +260,28 @@ class MirrorStore:
         previous: str | None = None
         for label in enum.labels:
             if label not in existing:
-                where = f" AFTER {_literal(previous)}" if previous else (
-                    f" BEFORE {_literal(existing[0])}" if existing else "")
+                where = (
+                    f" AFTER {_literal(previous)}"
+                    if previous
+                    else (f" BEFORE {_literal(existing[0])}" if existing else "")
+                )
                 await self.ddl_conn.execute(
-                    f"ALTER TYPE {name} ADD VALUE IF NOT EXISTS {_literal(label)}{where}")
-                logger.info("enum label added to mirror",
-                            extra={"type": enum.name, "label": label})
+                    f"ALTER TYPE {name} ADD VALUE IF NOT EXISTS {_literal(label)}{where}"
+                )
+                logger.info(
+                    "enum label added to mirror",
+                    extra={"type": enum.name, "label": label},
+                )
             previous = label
 
     async def create_table(
-        self, name: str, source: str, columns: list[ColumnInfo], key: tuple[str, ...],
-        *, table_name: str | None = None,
+        self,
+        name: str,
+        source: str,
+        columns: list[ColumnInfo],
+        key: tuple[str, ...],
+        *,
+        table_name: str | None = None,
     ) -> MirrorTable:
         """Create a mirror table (or a shadow under ``table_name``) and record it."""
         for col in columns:
@@ -256,9 +291,16 @@ class MirrorStore:
         body = ", ".join(f"{quote_ident(c.name)} {c.mirror_type}" for c in columns)
         pk = ", ".join(quote_ident(k) for k in key)
         await self.conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {target} ({body}, PRIMARY KEY ({pk}))")
-        table = MirrorTable(name, source, [c.name for c in columns],
-                            [c.mirror_type for c in columns], key, schema=self.schema)
+            f"CREATE TABLE IF NOT EXISTS {target} ({body}, PRIMARY KEY ({pk}))"
+        )
+        table = MirrorTable(
+            name,
+            source,
+            [c.name for c in columns],
+            [c.mirror_type for c in columns],
+            key,
+            schema=self.schema,
+        )
         await self.record_table(table)
         return table
 
@@ -269,11 +311,16 @@ class MirrorStore:
             "ON CONFLICT (stream, source_table) DO UPDATE SET mirror_table = "
             "excluded.mirror_table, columns = excluded.columns, key_columns = "
             "excluded.key_columns, updated_at = now()",
-            self.stream, table.source, table.name,
+            self.stream,
+            table.source,
+            table.name,
             orjson.dumps(list(zip(table.columns, table.types, strict=True))).decode(),
-            orjson.dumps(list(table.key)).decode())
+            orjson.dumps(list(table.key)).decode(),
+        )
 
-    async def evolve(self, table: MirrorTable, columns: list[ColumnInfo]) -> MirrorTable:
+    async def evolve(
+        self, table: MirrorTable, columns: list[ColumnInfo]
+    ) -> MirrorTable:
         """Add, drop or retype columns so the mirror matches ``columns`` (BUG-05)."""
         wanted = {c.name: c for c in columns}
         for col in columns:
@@ -281,31 +328,48 @@ class MirrorStore:
                 await self.ensure_enum(col.enum)
         for name in [c for c in table.columns if c not in wanted]:
             await self.conn.execute(
-                f"ALTER TABLE {table.qualified} DROP COLUMN IF EXISTS {quote_ident(name)}")
-            logger.info("mirror column dropped", extra={"table": table.name, "column": name})
+                f"ALTER TABLE {table.qualified} DROP COLUMN IF EXISTS {quote_ident(name)}"
+            )
+            logger.info(
+                "mirror column dropped", extra={"table": table.name, "column": name}
+            )
         for col in columns:
             if col.name not in table.columns:
-                default = (f" DEFAULT {_literal(col.missing_value)}::{col.mirror_type}"
-                           if col.missing_value is not None else "")
+                default = (
+                    f" DEFAULT {_literal(col.missing_value)}::{col.mirror_type}"
+                    if col.missing_value is not None
+                    else ""
+                )
                 await self.conn.execute(
                     f"ALTER TABLE {table.qualified} ADD COLUMN {quote_ident(col.name)} "
-                    f"{col.mirror_type}{default}")
+                    f"{col.mirror_type}{default}"
+                )
                 if default:
                     await self.conn.execute(
                         f"ALTER TABLE {table.qualified} ALTER COLUMN "
-                        f"{quote_ident(col.name)} DROP DEFAULT")
-                logger.info("mirror column added",
-                            extra={"table": table.name, "column": col.name})
+                        f"{quote_ident(col.name)} DROP DEFAULT"
+                    )
+                logger.info(
+                    "mirror column added",
+                    extra={"table": table.name, "column": col.name},
+                )
             else:
                 old_type = table.types[table.columns.index(col.name)]
                 if old_type != col.mirror_type:
                     await self.conn.execute(
                         f"ALTER TABLE {table.qualified} ALTER COLUMN "
                         f"{quote_ident(col.name)} TYPE {col.mirror_type} USING "
-                        f"{quote_ident(col.name)}::text::{col.mirror_type}")
-        evolved = MirrorTable(table.name, table.source, [c.name for c in columns],
-                              [c.mirror_type for c in columns], table.key,
-                              version=table.version + 1, schema=self.schema)
+                        f"{quote_ident(col.name)}::text::{col.mirror_type}"
+                    )
+        evolved = MirrorTable(
+            table.name,
+            table.source,
+            [c.name for c in columns],
+            [c.mirror_type for c in columns],
+            table.key,
+            version=table.version + 1,
+            schema=self.schema,
+        )
         await self.record_table(evolved)
         return evolved
 
@@ -317,7 +381,8 @@ class MirrorStore:
             cols = ", ".join(f"c{i} text" for i in range(len(table.columns)))
             await self.conn.execute(
                 f"CREATE TEMP TABLE {staging} (op text, grp int, {cols}) "
-                "ON COMMIT DELETE ROWS")
+                "ON COMMIT DELETE ROWS"
+            )
             self._staging[signature] = staging
         return staging
 
@@ -336,27 +401,35 @@ class MirrorStore:
         await self.conn.copy_to_table(staging, source=_once(data), format="text")
         cast = [f"s.c{i}::{t}" for i, t in enumerate(table.types)]
         key_match = " AND ".join(
-            f"t.{quote_ident(table.columns[i])} = {cast[i]}" for i in table.key_indexes)
+            f"t.{quote_ident(table.columns[i])} = {cast[i]}" for i in table.key_indexes
+        )
         cols = ", ".join(quote_ident(c) for c in table.columns)
         pk = ", ".join(quote_ident(k) for k in table.key)
         updates = ", ".join(
             f"{quote_ident(c)} = excluded.{quote_ident(c)}"
-            for c in table.columns if c not in table.key)
+            for c in table.columns
+            if c not in table.key
+        )
         conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
         await self.conn.execute(
             f"DELETE FROM {table.qualified} t USING {staging} s "
-            f"WHERE s.op = 'D' AND {key_match}")
+            f"WHERE s.op = 'D' AND {key_match}"
+        )
         await self.conn.execute(
             f"INSERT INTO {table.qualified} ({cols}) SELECT {', '.join(cast)} "
-            f"FROM {staging} s WHERE s.op = 'U' ON CONFLICT ({pk}) {conflict}")
+            f"FROM {staging} s WHERE s.op = 'U' ON CONFLICT ({pk}) {conflict}"
+        )
         for unchanged, group in groups.items():
             sets = ", ".join(
-                f"{quote_ident(c)} = {cast[i]}" for i, c in enumerate(table.columns)
-                if i not in unchanged and c not in table.key)
+                f"{quote_ident(c)} = {cast[i]}"
+                for i, c in enumerate(table.columns)
+                if i not in unchanged and c not in table.key
+            )
             if sets:
                 await self.conn.execute(
                     f"UPDATE {table.qualified} t SET {sets} FROM {staging} s "
-                    f"WHERE s.op = 'P' AND s.grp = {group} AND {key_match}")
+                    f"WHERE s.op = 'P' AND s.grp = {group} AND {key_match}"
+                )
         await self.conn.execute(f"TRUNCATE {staging}")
         return touched
 
@@ -380,12 +453,18 @@ class MirrorStore:
         await self.conn.execute("SAVEPOINT replicator_fresh_rows")
         try:
             await self.conn.copy_to_table(
-                table.name, schema_name=table.schema, columns=table.columns,
-                source=_once(render_rows(direct, len(table.columns))), format="text")
+                table.name,
+                schema_name=table.schema,
+                columns=table.columns,
+                source=_once(render_rows(direct, len(table.columns))),
+                format="text",
+            )
         except asyncpg.UniqueViolationError:
             await self.conn.execute("ROLLBACK TO SAVEPOINT replicator_fresh_rows")
-            logger.warning("inserted rows already in the mirror, merging them",
-                           extra={"table": table.name})
+            logger.warning(
+                "inserted rows already in the mirror, merging them",
+                extra={"table": table.name},
+            )
             return TableChanges(table, changes.rows)
         await self.conn.execute("RELEASE SAVEPOINT replicator_fresh_rows")
         return TableChanges(table, rest)

@@ -28,7 +28,8 @@ MIRROR_SCHEMAS = ("erp", "sf", "unified")
 metadata = MetaData(schema=SCHEMA)
 
 checkpoints = Table(
-    "checkpoints", metadata,
+    "checkpoints",
+    metadata,
     Column("stream", Text, primary_key=True),
     Column("position", Text, nullable=False),  # LSN as 16/B374D848 or a replay id
     Column("lsn", BigInteger),  # the same LSN as a number, for comparisons
@@ -36,11 +37,14 @@ checkpoints = Table(
     Column("timeline", Integer),
     Column("slot_name", Text),
     Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
-    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()
+    ),
 )
 
 checkpoint_history = Table(
-    "checkpoint_history", metadata,
+    "checkpoint_history",
+    metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("stream", Text, nullable=False, index=True),
     Column("position", Text, nullable=False),
@@ -50,11 +54,17 @@ checkpoint_history = Table(
     Column("slot_name", Text),
     Column("reason", Text, nullable=False),  # apply, snapshot, restore, resync, ...
     Column("changes", BigInteger, nullable=False, server_default=text("0")),
-    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "recorded_at",
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=func.now(),
+    ),
 )
 
 dead_letters = Table(
-    "dead_letters", metadata,
+    "dead_letters",
+    metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("stream", Text, nullable=False),
     Column("entity", Text, nullable=False),
@@ -63,25 +73,31 @@ dead_letters = Table(
     Column("reason", Text, nullable=False),
     Column("payload", JSONB),
     Column("status", Text, nullable=False, server_default=text("'parked'")),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "created_at", DateTime(timezone=True), nullable=False, server_default=func.now()
+    ),
 )
 
 tables_state = Table(
-    "mirror_tables", metadata,
+    "mirror_tables",
+    metadata,
     Column("stream", Text, primary_key=True),
     Column("source_table", Text, primary_key=True),  # schema.table at the source
     Column("mirror_table", Text, nullable=False),
     Column("columns", JSONB, nullable=False),  # [[name, type], ...] as mirrored
     Column("key_columns", JSONB, nullable=False),
     Column("loaded_at", DateTime(timezone=True)),
-    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()
+    ),
 )
 
 
 # Field conflicts of the two-way sync: both values, where each came from and
 # when, and the rule that decided. Empty until the write-back sinks land.
 conflicts = Table(
-    "conflicts", metadata,
+    "conflicts",
+    metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("entity", Text, nullable=False),
     Column("entity_key", Text, nullable=False),
@@ -93,25 +109,37 @@ conflicts = Table(
     Column("discarded_source", Text),
     Column("discarded_time", DateTime(timezone=True)),
     Column("rule", Text, nullable=False),  # owner, lww, deleted
-    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "recorded_at",
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=func.now(),
+    ),
 )
 
 # Write-backs decided by resolution, drained by the sink workers.
 outbox = Table(
-    "outbox", metadata,
+    "outbox",
+    metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("entity", Text, nullable=False),
     Column("target", Text, nullable=False),  # erp, salesforce
-    Column("target_key", Text, nullable=False),  # ERP key text or Salesforce Id / external id
+    Column(
+        "target_key", Text, nullable=False
+    ),  # ERP key text or Salesforce Id / external id
     Column("operation", Text, nullable=False),  # upsert, delete
-    Column("fields", JSONB, nullable=False),  # target field names -> target-domain values
+    Column(
+        "fields", JSONB, nullable=False
+    ),  # target field names -> target-domain values
     Column("cause", JSONB),  # the source change and rule that caused it
     Column("status", Text, nullable=False, server_default=text("'pending'")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text),
     Column("answer", JSONB),
     Column("echoed", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
-    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "created_at", DateTime(timezone=True), nullable=False, server_default=func.now()
+    ),
     Column("done_at", DateTime(timezone=True)),
     Index("ix_outbox_pending", "status", "target", "id"),
     Index("ix_outbox_key", "entity", "target", "target_key"),
@@ -122,12 +150,18 @@ outbox = Table(
 # matches the row restored with it: the ERP pipeline then knows that a slot
 # ahead of the checkpoint has released changes the replica lacks.
 replica_identity = Table(
-    "replica_identity", metadata,
+    "replica_identity",
+    metadata,
     Column("id", Integer, primary_key=True, server_default=text("1")),
     Column("checkpoints_oid", BigInteger, nullable=False),
     Column("system_identifier", Text, nullable=False),
     Column("timeline", Integer, nullable=False),
-    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column(
+        "recorded_at",
+        DateTime(timezone=True),
+        nullable=False,
+        server_default=func.now(),
+    ),
 )
 
 
@@ -139,23 +173,29 @@ def ddl_statements() -> list[str]:
     for table in metadata.sorted_tables:
         out.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
         for index in table.indexes:
-            out.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)))
+            out.append(
+                str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect))
+            )
     return out
 
 
 async def create_schema(conn: asyncpg.Connection) -> None:
     """Create the replicator's schemas and tables if missing (serialised by a lock)."""
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('replicator.schema'))")
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('replicator.schema'))"
+        )
         for statement in ddl_statements():
             await conn.execute(statement)
 
 
 def render_sql() -> str:
     """The static DDL as shipped in ``schema/replicator.sql``."""
-    head = ("-- The replicator schema of the replica store, generated from "
-            "replicator/store/tables.py\n-- (python -m replicator.store.tables > "
-            "schema/replicator.sql); a test keeps them equal.\n")
+    head = (
+        "-- The replicator schema of the replica store, generated from "
+        "replicator/store/tables.py\n-- (python -m replicator.store.tables > "
+        "schema/replicator.sql); a test keeps them equal.\n"
+    )
     return head + ";\n".join(s.strip() for s in ddl_statements()) + ";\n"
 
 

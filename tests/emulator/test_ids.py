@@ -47,7 +47,9 @@ def test_generated_ids_are_valid_distinct_and_carry_the_prefix() -> None:
     made = [generator.next_id("001") for _ in range(100)]
 
     assert len(set(made)) == 100
-    assert all(len(i) == 18 and i.startswith("001") and ids.is_valid_id(i) for i in made)
+    assert all(
+        len(i) == 18 and i.startswith("001") and ids.is_valid_id(i) for i in made
+    )
 
 
 def test_generator_continues_from_saved_counters() -> None:

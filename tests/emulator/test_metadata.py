@@ -65,13 +65,18 @@ def _field(tmp_path: Path, body: str) -> Path:
 
 def test_formula_and_summary_fields_are_calculated(tmp_path: Path) -> None:
     formula = parse_field(
-        _field(tmp_path, "<type>Number</type><formula>A__c * 2</formula>"
-               "<formulaReturnType>Number</formulaReturnType>")
+        _field(
+            tmp_path,
+            "<type>Number</type><formula>A__c * 2</formula>"
+            "<formulaReturnType>Number</formulaReturnType>",
+        )
     )
     summary = parse_field(_field(tmp_path, "<type>Summary</type>"))
 
     assert (formula.calculated, formula.createable, formula.type) == (
-        True, False, "double"
+        True,
+        False,
+        "double",
     )
     assert formula.formula == "A__c * 2"
     assert summary.calculated is True
@@ -79,12 +84,18 @@ def test_formula_and_summary_fields_are_calculated(tmp_path: Path) -> None:
 
 def test_external_id_unique_and_required_flags(tmp_path: Path) -> None:
     field = parse_field(
-        _field(tmp_path, "<type>Text</type><length>20</length><externalId>true"
-               "</externalId><unique>true</unique><required>true</required>")
+        _field(
+            tmp_path,
+            "<type>Text</type><length>20</length><externalId>true"
+            "</externalId><unique>true</unique><required>true</required>",
+        )
     )
 
     assert (field.external_id, field.unique, field.nillable, field.length) == (
-        True, True, False, 20
+        True,
+        True,
+        False,
+        20,
     )
 
 

@@ -17,16 +17,16 @@ from simple_salesforce import Salesforce
 
 from replicator.emulator.app import EmulatorConfig
 from replicator.emulator.oauth import TokenStore, token_from_header
-
 from tests.fixtures.emulator import Served, ServeEmulator
 
 
 async def _token_call(
     served: Served, form: dict[str, str] | None = None, **kw: Any
 ) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.post(
-        served.url + "/services/oauth2/token", data=form, **kw
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(served.url + "/services/oauth2/token", data=form, **kw) as response,
+    ):
         return response.status, await response.json()
 
 
@@ -53,7 +53,12 @@ async def test_password_grant_returns_salesforce_fields(emulator: Served) -> Non
 
     assert status == 200
     assert set(body) == {
-        "access_token", "instance_url", "id", "token_type", "issued_at", "signature"
+        "access_token",
+        "instance_url",
+        "id",
+        "token_type",
+        "issued_at",
+        "signature",
     }
     org_id = emulator.state.org_id
     assert body["access_token"].startswith(org_id[:15] + "!")
@@ -100,9 +105,7 @@ async def test_password_without_security_token_fails(emulator: Served) -> None:
 
 
 async def test_json_body_is_an_unsupported_grant(emulator: Served) -> None:
-    status, body = await _token_call(
-        emulator, json=_password_form(emulator.config)
-    )
+    status, body = await _token_call(emulator, json=_password_form(emulator.config))
 
     assert status == 400
     assert body == {
@@ -129,9 +132,12 @@ async def test_client_credentials_with_basic_auth(emulator: Served) -> None:
 async def test_refresh_token_grant_and_expired_refresh_token(
     emulator: Served,
 ) -> None:
-    async with aiohttp.ClientSession() as http, http.post(
-        emulator.url + "/__emulator__/oauth/refresh_token", json={}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            emulator.url + "/__emulator__/oauth/refresh_token", json={}
+        ) as response,
+    ):
         refresh = (await response.json())["refresh_token"]
     form = {
         "grant_type": "refresh_token",
@@ -154,8 +160,11 @@ async def test_refresh_token_grant_and_expired_refresh_token(
     [
         ({}, None, None),
         ({"iss": "other"}, "invalid_client_id", "client identifier invalid"),
-        ({"sub": "ghost@example.com"}, "invalid_grant",
-         "user hasn't approved this consumer"),
+        (
+            {"sub": "ghost@example.com"},
+            "invalid_grant",
+            "user hasn't approved this consumer",
+        ),
         ({"exp": 1}, "invalid_grant", "expired authorization code"),
         ({"aud": "https://example.com"}, "invalid_grant", "audience is invalid"),
     ],
@@ -184,7 +193,8 @@ async def test_jwt_bearer_grant(
         assert status == 200 and body["access_token"]
     else:
         assert (status, body) == (
-            400, {"error": error, "error_description": description}
+            400,
+            {"error": error, "error_description": description},
         )
 
 
@@ -194,10 +204,13 @@ async def test_rest_accepts_every_authorization_form(
 ) -> None:
     token = await emulator.token()
 
-    async with aiohttp.ClientSession() as http, http.get(
-        emulator.url + "/services/data/v60.0/limits",
-        headers={"Authorization": scheme.format(token)},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            emulator.url + "/services/data/v60.0/limits",
+            headers={"Authorization": scheme.format(token)},
+        ) as response,
+    ):
         assert response.status == 200
 
 
@@ -209,10 +222,13 @@ async def test_expired_token_gives_invalid_session_id(
         token = await served.token()
         await asyncio.sleep(0.1)
 
-        async with aiohttp.ClientSession() as http, http.get(
-            served.url + "/services/data/v60.0/sobjects",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                served.url + "/services/data/v60.0/sobjects",
+                headers={"Authorization": f"Bearer {token}"},
+            ) as response,
+        ):
             status, body = response.status, await response.json()
 
     assert status == 401
@@ -235,14 +251,19 @@ async def test_control_api_expires_all_tokens(emulator: Served) -> None:
 
 
 async def test_malformed_authorization_header(emulator: Served) -> None:
-    async with aiohttp.ClientSession() as http, http.get(
-        emulator.url + "/services/data/v60.0/limits",
-        headers={"Authorization": "Basic abc"},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            emulator.url + "/services/data/v60.0/limits",
+            headers={"Authorization": "Basic abc"},
+        ) as response,
+    ):
         status, body = response.status, await response.json()
 
     assert status == 401
-    assert body == [{"message": "INVALID_HEADER_TYPE", "errorCode": "INVALID_AUTH_HEADER"}]
+    assert body == [
+        {"message": "INVALID_HEADER_TYPE", "errorCode": "INVALID_AUTH_HEADER"}
+    ]
 
 
 class _Loopback(requests.adapters.HTTPAdapter):

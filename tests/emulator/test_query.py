@@ -207,22 +207,33 @@ async def test_where_on_ids_matches_15_and_18_character_ids_and_other_filters(
     live = _live(org)
     deleted = next(a for a in org.accounts if a["IsDeleted"])
     picked = [live[0], live[1], live[2], deleted]
-    ids = [picked[0]["Id"][:15], picked[1]["Id"], picked[2]["Id"], deleted["Id"],
-           "003Dn0000000001AAA"]
+    ids = [
+        picked[0]["Id"][:15],
+        picked[1]["Id"],
+        picked[2]["Id"],
+        deleted["Id"],
+        "003Dn0000000001AAA",
+    ]
     quoted = ", ".join(f"'{i}'" for i in ids)
 
     by_ids = await asyncio.to_thread(
-        sf.query_all, f"SELECT Id FROM Account WHERE Id IN ({quoted})")
+        sf.query_all, f"SELECT Id FROM Account WHERE Id IN ({quoted})"
+    )
     narrowed = await asyncio.to_thread(
-        sf.query_all, f"SELECT Id FROM Account WHERE Id IN ({quoted}) "
-        f"AND Name != '{picked[1]['Name']}'")
+        sf.query_all,
+        f"SELECT Id FROM Account WHERE Id IN ({quoted}) "
+        f"AND Name != '{picked[1]['Name']}'",
+    )
     single = await asyncio.to_thread(
-        sf.query_all, f"SELECT Id FROM Account WHERE Id = '{picked[2]['Id']}'")
+        sf.query_all, f"SELECT Id FROM Account WHERE Id = '{picked[2]['Id']}'"
+    )
 
     assert sorted(r["Id"] for r in by_ids["records"]) == sorted(
-        a["Id"] for a in picked[:3])
+        a["Id"] for a in picked[:3]
+    )
     assert sorted(r["Id"] for r in narrowed["records"]) == sorted(
-        [picked[0]["Id"], picked[2]["Id"]])
+        [picked[0]["Id"], picked[2]["Id"]]
+    )
     assert [r["Id"] for r in single["records"]] == [picked[2]["Id"]]
 
 

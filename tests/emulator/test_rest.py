@@ -42,7 +42,9 @@ async def _sf(served: Served, **kw: Any) -> Salesforce:
 
 
 @pytest.fixture
-async def f0(serve_emulator: ServeEmulator, f0_config: EmulatorConfig) -> AsyncIterator[Served]:
+async def f0(
+    serve_emulator: ServeEmulator, f0_config: EmulatorConfig
+) -> AsyncIterator[Served]:
     async with serve_emulator(f0_config) as served:
         yield served
 
@@ -57,16 +59,23 @@ class Api:
     async def call(
         self, method: str, path: str, body: Any = None, **headers: str
     ) -> tuple[int, Mapping[str, str], Any]:
-        async with aiohttp.ClientSession() as http, http.request(
-            method,
-            self.served.url + path,
-            json=body,
-            headers={"Authorization": f"Bearer {self.token}", **headers},
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(
+                method,
+                self.served.url + path,
+                json=body,
+                headers={"Authorization": f"Bearer {self.token}", **headers},
+            ) as response,
+        ):
             text = await response.text()
             import orjson
 
-            return response.status, response.headers, orjson.loads(text) if text else None
+            return (
+                response.status,
+                response.headers,
+                orjson.loads(text) if text else None,
+            )
 
 
 @pytest.fixture
@@ -133,7 +142,8 @@ async def test_describe_with_simple_salesforce(f0: Served) -> None:
     status = {f["name"]: f for f in order["fields"]}["Status__c"]
     assert status["restrictedPicklist"] is True
     assert [p["value"] for p in status["picklistValues"]][:2] == [
-        "Draft", "Submitted to Manufacturing"
+        "Draft",
+        "Submitted to Manufacturing",
     ]
     account_ref = {f["name"]: f for f in order["fields"]}["Account__c"]
     assert account_ref["referenceTo"] == ["Account"]
@@ -187,19 +197,30 @@ async def test_simple_salesforce_sees_error_bodies(f0: Served) -> None:
 
 
 async def test_versions_list_needs_no_auth_and_has_no_limit_header(f0: Served) -> None:
-    async with aiohttp.ClientSession() as http, http.get(
-        f0.url + "/services/data/"
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f0.url + "/services/data/") as response,
+    ):
         body = await response.json()
         headers = response.headers
 
-    assert {"label": "Spring '24", "url": "/services/data/v60.0", "version": "60.0"} in body
-    assert {"label": "Winter '24", "url": "/services/data/v59.0", "version": "59.0"} in body
+    assert {
+        "label": "Spring '24",
+        "url": "/services/data/v60.0",
+        "version": "60.0",
+    } in body
+    assert {
+        "label": "Winter '24",
+        "url": "/services/data/v59.0",
+        "version": "59.0",
+    } in body
     assert "Sforce-Limit-Info" not in headers
 
 
 async def test_create_returns_201_and_limit_header(api: Api) -> None:
-    status, headers, body = await api.call("POST", f"{V}/sobjects/Account/", {"Name": "A"})
+    status, headers, body = await api.call(
+        "POST", f"{V}/sobjects/Account/", {"Name": "A"}
+    )
 
     assert status == 201
     assert body == {"id": body["id"], "success": True, "errors": []}
@@ -250,14 +271,20 @@ async def test_deleted_record_errors(api: Api) -> None:
     patch = await api.call("PATCH", path, {"Name": "B"})
     get = await api.call("GET", path)
 
-    deleted = [{"message": "entity is deleted", "errorCode": "ENTITY_IS_DELETED",
-                "fields": []}]
+    deleted = [
+        {"message": "entity is deleted", "errorCode": "ENTITY_IS_DELETED", "fields": []}
+    ]
     assert first[0] == 204
     assert (again[0], again[2]) == (404, deleted)
     assert (patch[0], patch[2]) == (404, deleted)
     assert (get[0], get[2]) == (
         404,
-        [{"message": "The requested resource does not exist", "errorCode": "NOT_FOUND"}],
+        [
+            {
+                "message": "The requested resource does not exist",
+                "errorCode": "NOT_FOUND",
+            }
+        ],
     )
 
 
@@ -329,11 +356,19 @@ async def test_upsert_statuses(api: Api) -> None:
     )
 
     assert created[0] == 201
-    assert created[2] == {"id": created[2]["id"], "success": True, "errors": [],
-                          "created": True}
+    assert created[2] == {
+        "id": created[2]["id"],
+        "success": True,
+        "errors": [],
+        "created": True,
+    }
     assert updated[0] == 200
-    assert updated[2] == {"id": created[2]["id"], "success": True, "errors": [],
-                          "created": False}
+    assert updated[2] == {
+        "id": created[2]["id"],
+        "success": True,
+        "errors": [],
+        "created": False,
+    }
     assert (old_api[0], old_api[2]) == (204, None)
     assert bad_field[0] == 404
     assert bad_field[2][0]["errorCode"] == "NOT_FOUND"
@@ -391,9 +426,12 @@ async def test_collections_update_delete_and_retrieve(api: Api) -> None:
     patched = await api.call(
         "PATCH",
         f"{V}/composite/sobjects",
-        {"records": [{"attributes": {"type": "Account"}, "id": a["id"], "Phone": "1"},
-                     {"attributes": {"type": "Account"}, "id": b["id"],
-                      "Nope__c": 1}]},
+        {
+            "records": [
+                {"attributes": {"type": "Account"}, "id": a["id"], "Phone": "1"},
+                {"attributes": {"type": "Account"}, "id": b["id"], "Nope__c": 1},
+            ]
+        },
     )
     fetched = await api.call(
         "GET", f"{V}/composite/sobjects/Account?ids={a['id']},{b['id']}&fields=Phone"
@@ -411,7 +449,8 @@ async def test_collections_update_delete_and_retrieve(api: Api) -> None:
     assert patched[2][1]["errors"][0]["statusCode"] == "INVALID_FIELD"
     assert [r["Phone"] for r in fetched[2]] == ["1", None]
     assert (malformed[0], malformed[2]) == (
-        400, [{"message": "malformed id bad", "errorCode": "MALFORMED_ID"}]
+        400,
+        [{"message": "malformed id bad", "errorCode": "MALFORMED_ID"}],
     )
     assert deleted[2][0]["success"] is True
     assert deleted[2][1]["errors"][0]["statusCode"] == "ENTITY_IS_DELETED"
@@ -454,8 +493,12 @@ async def test_daily_limit_runs_out_with_403(serve_emulator: ServeEmulator) -> N
     assert second[1]["Sforce-Limit-Info"] == "api-usage=2/2"
     assert (third[0], third[2]) == (
         403,
-        [{"message": "TotalRequests Limit exceeded.",
-          "errorCode": "REQUEST_LIMIT_EXCEEDED"}],
+        [
+            {
+                "message": "TotalRequests Limit exceeded.",
+                "errorCode": "REQUEST_LIMIT_EXCEEDED",
+            }
+        ],
     )
 
 
@@ -476,17 +519,24 @@ async def test_planned_faults_and_request_log(api: Api) -> None:
 
     assert (locked[0], locked[2]) == (
         400,
-        [{"message": "unable to obtain exclusive access to this record or 1 records: "
-          f"{a['id']}", "errorCode": "UNABLE_TO_LOCK_ROW", "fields": []}],
+        [
+            {
+                "message": "unable to obtain exclusive access to this record or 1 records: "
+                f"{a['id']}",
+                "errorCode": "UNABLE_TO_LOCK_ROW",
+                "fields": [],
+            }
+        ],
     )
     assert ok[0] == 204
     assert unavailable[0] == 503
     patches = api.served.faults.matching("PATCH", "/sobjects/Account/")
     assert [p.body for p in patches] == [{"Phone": "1"}, {"Phone": "2"}]
     assert all("Authorization" not in p.headers for p in patches)
-    async with aiohttp.ClientSession() as http, http.get(
-        api.served.url + "/__emulator__/requests?method=PATCH"
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(api.served.url + "/__emulator__/requests?method=PATCH") as response,
+    ):
         assert len(await response.json()) == 2
 
 
@@ -521,9 +571,12 @@ async def test_undelete_through_the_control_api(api: Api) -> None:
     _, _, a = await api.call("POST", f"{V}/sobjects/Account/", {"Name": "A"})
     await api.call("DELETE", f"{V}/sobjects/Account/{a['id']}")
 
-    async with aiohttp.ClientSession() as http, http.post(
-        api.served.url + "/__emulator__/records/undelete", json={"ids": [a["id"]]}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            api.served.url + "/__emulator__/records/undelete", json={"ids": [a["id"]]}
+        ) as response,
+    ):
         results = await response.json()
     status, _, _ = await api.call("GET", f"{V}/sobjects/Account/{a['id']}")
 

@@ -28,8 +28,10 @@ def test_ebikes_plan_loads_with_references_resolved() -> None:
     assert accounts["Alpine Treckers"]["BillingState"] == "NY"
     assert case["AccountId"] == accounts["Alpine Treckers"]["Id"]
     assert case["CaseNumber"] == "00001029"
-    assert items and all(i["Order__c"].startswith(
-        state.schema.objects["Order__c"].key_prefix) for i in items)
+    assert items and all(
+        i["Order__c"].startswith(state.schema.objects["Order__c"].key_prefix)
+        for i in items
+    )
     assert all(state.get(i["Product__c"]) is not None for i in items)
 
 
@@ -59,12 +61,23 @@ def test_seed_runs_once_for_a_persisted_org(tmp_path: Path) -> None:
 
 def test_unresolved_reference_names_the_file(tmp_path: Path) -> None:
     tree = tmp_path / "Cases.json"
-    tree.write_bytes(orjson.dumps({"records": [
-        {"attributes": {"type": "Case", "referenceId": "C1"}, "AccountId": "@Nope"}
-    ]}))
+    tree.write_bytes(
+        orjson.dumps(
+            {
+                "records": [
+                    {
+                        "attributes": {"type": "Case", "referenceId": "C1"},
+                        "AccountId": "@Nope",
+                    }
+                ]
+            }
+        )
+    )
     state = OrgState(build_schema(EmulatorConfig()))
     user = ensure_user(state, "a@example.com")
 
-    with pytest.raises(SeedError, match="unresolved reference '@Nope'"), \
-            state.transaction(user_id=user) as tx:
+    with (
+        pytest.raises(SeedError, match="unresolved reference '@Nope'"),
+        state.transaction(user_id=user) as tx,
+    ):
         load_tree(tx, state, tree, {})

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from replicator.emulator.metadata import load_metadata
+from replicator.emulator.schema import FieldSchema
 from replicator.emulator.seed import ensure_user
 from replicator.emulator.standard import standard_schema
 from replicator.emulator.state import ApiError, OrgState, RecordChange
 from replicator.emulator.values import coerce_value, format_datetime, parse_datetime
-from replicator.emulator.schema import FieldSchema
 
 
 class Recorder:
@@ -57,7 +57,9 @@ def test_create_sets_system_fields_and_owner(state: OrgState, user_id: str) -> N
     assert record is not None
     assert record["IsDeleted"] is False
     assert record["OwnerId"] == record["CreatedById"] == user_id
-    assert record["CreatedDate"] == record["LastModifiedDate"] == record["SystemModstamp"]
+    assert (
+        record["CreatedDate"] == record["LastModifiedDate"] == record["SystemModstamp"]
+    )
     assert record["CreatedDate"].endswith("+0000")
 
 
@@ -309,8 +311,11 @@ def test_wire_datetime_format_round_trips() -> None:
     ("field", "value", "stored"),
     [
         (FieldSchema("D", "date"), "2024-06-04", "2024-06-04"),
-        (FieldSchema("T", "datetime"), "2024-06-04T14:00:00+02:00",
-         "2024-06-04T12:00:00.000+0000"),
+        (
+            FieldSchema("T", "datetime"),
+            "2024-06-04T14:00:00+02:00",
+            "2024-06-04T12:00:00.000+0000",
+        ),
         (FieldSchema("B", "boolean"), None, False),
         (FieldSchema("S", "string", length=5), "", None),
         (FieldSchema("N", "currency", precision=6, scale=2), 12.345, 12.35),

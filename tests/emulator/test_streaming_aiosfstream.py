@@ -23,8 +23,8 @@ from replicator.emulator.app import EmulatorConfig, create_app
 from replicator.emulator.keys import STATE_KEY
 from replicator.emulator.state import OrgState
 from replicator.emulator.streaming import STREAMING_KEY, Streaming
-from tests.fixtures.emulator import ServeEmulator
 from tests.emulator.sfclient import EmulatorAuthenticator, EmulatorClient
+from tests.fixtures.emulator import ServeEmulator
 
 pytestmark = pytest.mark.integration
 

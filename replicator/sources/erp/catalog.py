@@ -27,7 +27,9 @@ class ColumnInfo:
     name: str
     mirror_type: str  # a type expression valid in the replica
     enum: EnumType | None = None
-    missing_value: str | None = None  # the value existing rows get (ADD COLUMN ... DEFAULT)
+    missing_value: str | None = (
+        None  # the value existing rows get (ADD COLUMN ... DEFAULT)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +106,15 @@ class Catalog:
         for col in await self._conn.fetch(_COLUMNS_SQL, row["root_oid"]):
             columns[col["attname"]] = await self._column(col)
         return TableInfo(
-            oid=row[0], schema=row[1], name=row[2], replica_identity=row[3],
-            root_oid=row["root_oid"], root_schema=row["root_schema"],
-            root_name=row["root_name"], columns=columns, key=key,
+            oid=row[0],
+            schema=row[1],
+            name=row[2],
+            replica_identity=row[3],
+            root_oid=row["root_oid"],
+            root_schema=row["root_schema"],
+            root_name=row["root_name"],
+            columns=columns,
+            key=key,
         )
 
     async def enum(self, type_oid: int) -> EnumType:
@@ -114,7 +122,9 @@ class Catalog:
             "SELECT n.nspname, t.typname, array(SELECT enumlabel FROM pg_enum "
             "WHERE enumtypid = t.oid ORDER BY enumsortorder) AS labels "
             "FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
-            "WHERE t.oid = $1", type_oid)
+            "WHERE t.oid = $1",
+            type_oid,
+        )
         return EnumType(row[0], row[1], tuple(row[2]))
 
     async def enum_named(self, schema: str, name: str) -> EnumType | None:
@@ -122,15 +132,16 @@ class Catalog:
         oid = await self._conn.fetchval(
             "SELECT t.oid::int FROM pg_type t JOIN pg_namespace n ON n.oid = "
             "t.typnamespace WHERE n.nspname = $1 AND t.typname = $2 AND t.typtype = 'e'",
-            schema, name)
+            schema,
+            name,
+        )
         return None if oid is None else await self.enum(oid)
 
     async def _column(self, col: asyncpg.Record) -> ColumnInfo:
         name, missing = col["attname"], col["missing"]
         if missing is not None:
             # attmissingval is an array literal of one element, e.g. {retail}
-            missing = await self._conn.fetchval(
-                "SELECT ($1::text::text[])[1]", missing)
+            missing = await self._conn.fetchval("SELECT ($1::text::text[])[1]", missing)
         typtype, category = col["typtype"], col["typcategory"]
         if col["type_schema"] == "pg_catalog" and typtype == "b":
             if category == "A" and col["elem_typtype"] == "e":
@@ -152,14 +163,17 @@ class Catalog:
     async def _is_builtin(self, type_oid: int) -> bool:
         schema = await self._conn.fetchval(
             "SELECT n.nspname FROM pg_type t JOIN pg_namespace n "
-            "ON n.oid = t.typnamespace WHERE t.oid = $1", type_oid)
+            "ON n.oid = t.typnamespace WHERE t.oid = $1",
+            type_oid,
+        )
         return bool(schema == "pg_catalog")
 
     async def publication_tables(self, publication: str) -> list[int]:
         rows = await self._conn.fetch(
             "SELECT (quote_ident(schemaname) || '.' || quote_ident(tablename))"
             "::regclass::oid::int FROM pg_publication_tables WHERE pubname = $1",
-            publication)
+            publication,
+        )
         return [r[0] for r in rows]
 
 
@@ -173,7 +187,8 @@ async def check_prerequisites(conn: asyncpg.Connection) -> None:
             "wal_level = logical) and restart the server"
         )
     can_replicate = await conn.fetchval(
-        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user")
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    )
     if not can_replicate:
         user = await conn.fetchval("SELECT current_user")
         raise ErpSetupError(
@@ -182,7 +197,9 @@ async def check_prerequisites(conn: asyncpg.Connection) -> None:
         )
 
 
-async def tables_without_identity(conn: asyncpg.Connection, oids: list[int]) -> list[str]:
+async def tables_without_identity(
+    conn: asyncpg.Connection, oids: list[int]
+) -> list[str]:
     """Return published tables that can publish no UPDATE or DELETE key.
 
     REPLICA IDENTITY FULL without a primary key counts too: the stream could
@@ -200,5 +217,7 @@ async def tables_without_identity(conn: asyncpg.Connection, oids: list[int]) -> 
                      SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
                      AND i.indisreplident)))
         ORDER BY 1
-        """, oids)
+        """,
+        oids,
+    )
     return [r[0] for r in rows]

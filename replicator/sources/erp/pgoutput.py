@@ -178,8 +178,19 @@ class StreamAbort(NamedTuple):
 
 
 Message = (
-    Begin | Commit | Origin | Relation | TypeMessage | Insert | Update | Delete
-    | Truncate | LogicalMessage | StreamStart | StreamStop | StreamCommit
+    Begin
+    | Commit
+    | Origin
+    | Relation
+    | TypeMessage
+    | Insert
+    | Update
+    | Delete
+    | Truncate
+    | LogicalMessage
+    | StreamStart
+    | StreamStop
+    | StreamCommit
     | StreamAbort
 )
 
@@ -234,7 +245,8 @@ class Decoder:
             return handler(self, buf)
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
             raise DecodeError(
-                f"malformed pgoutput {buf[0:1]!r} message: {exc}") from exc
+                f"malformed pgoutput {buf[0:1]!r} message: {exc}"
+            ) from exc
 
     def _xid(self, buf: bytes) -> tuple[int | None, int]:
         if self.in_stream:
@@ -269,8 +281,9 @@ class Decoder:
             type_oid, typmod = struct.unpack_from("!Ii", buf, pos)
             pos += 8
             columns.append(Column(colname, type_oid, typmod, bool(flags & 1)))
-        return Relation(oid, namespace or "pg_catalog", name, identity,
-                        tuple(columns), xid)
+        return Relation(
+            oid, namespace or "pg_catalog", name, identity, tuple(columns), xid
+        )
 
     def _type(self, buf: bytes) -> TypeMessage:
         xid, pos = self._xid(buf)

@@ -59,8 +59,10 @@ def _parse_lsn(text: str) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-_RENDERING = ("-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres "
-              "-c lc_monetary=C -c extra_float_digits=3")
+_RENDERING = (
+    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres "
+    "-c lc_monetary=C -c extra_float_digits=3"
+)
 
 
 def _session_options(dsn: str) -> str:
@@ -81,8 +83,9 @@ def _translate(exc: psycopg2.Error, action: str) -> ErpError:
             "ALTER ROLE <user> REPLICATION (or use a superuser)"
         )
     if isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError):
-        return ErpConnectionError(f"ERP connection failed while trying to {action}: "
-                                  f"{str(exc).strip()}")
+        return ErpConnectionError(
+            f"ERP connection failed while trying to {action}: {str(exc).strip()}"
+        )
     return ErpError(f"ERP error while trying to {action}: {str(exc).strip()}")
 
 
@@ -128,9 +131,11 @@ class ReplicationStream:
         so the initial copy must finish before ``stream()`` is called.
         """
         if self.server_version >= 150000:
-            command = f'CREATE_REPLICATION_SLOT "{name}" LOGICAL pgoutput (SNAPSHOT \'export\')'
+            command = f"CREATE_REPLICATION_SLOT \"{name}\" LOGICAL pgoutput (SNAPSHOT 'export')"
         else:
-            command = f'CREATE_REPLICATION_SLOT "{name}" LOGICAL pgoutput EXPORT_SNAPSHOT'
+            command = (
+                f'CREATE_REPLICATION_SLOT "{name}" LOGICAL pgoutput EXPORT_SNAPSHOT'
+            )
 
         def create() -> tuple[Any, ...]:
             self._cursor.execute(command)
@@ -140,8 +145,10 @@ class ReplicationStream:
             _, consistent, snapshot, _ = await asyncio.to_thread(create)
         except psycopg2.Error as exc:
             raise _translate(exc, f"create replication slot {name!r}") from exc
-        logger.info("replication slot created",
-                    extra={"slot": name, "consistent_lsn": consistent})
+        logger.info(
+            "replication slot created",
+            extra={"slot": name, "consistent_lsn": consistent},
+        )
         return NewSlot(name, _parse_lsn(consistent), snapshot)
 
     async def stream(
@@ -160,13 +167,18 @@ class ReplicationStream:
         self._confirmed = max(self._confirmed, start_lsn)
         try:
             self._cursor.start_replication(
-                slot_name=slot, decode=False, start_lsn=start_lsn, options=options,
+                slot_name=slot,
+                decode=False,
+                start_lsn=start_lsn,
+                options=options,
                 status_interval=max(1, round(self._status_interval)),
             )
         except psycopg2.Error as exc:
             raise _translate(exc, f"start replication from slot {slot!r}") from exc
-        logger.info("replication started",
-                    extra={"slot": slot, "start_lsn": lsn_to_str(start_lsn)})
+        logger.info(
+            "replication started",
+            extra={"slot": slot, "start_lsn": lsn_to_str(start_lsn)},
+        )
         decoder = Decoder()
         loop = asyncio.get_running_loop()
         readable = asyncio.Event()
@@ -220,8 +232,10 @@ class ReplicationStream:
     def _send_status(self, *, force: bool) -> None:
         try:
             self._cursor.send_feedback(
-                write_lsn=self._confirmed, flush_lsn=self._confirmed,
-                apply_lsn=self._confirmed, force=force,
+                write_lsn=self._confirmed,
+                flush_lsn=self._confirmed,
+                apply_lsn=self._confirmed,
+                force=force,
             )
         except psycopg2.Error as exc:
             raise _translate(exc, "send a standby status update") from exc

@@ -16,7 +16,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 
 from replicator.sources.erp.catalog import Catalog, TableInfo
-from replicator.store.mirror import MIRROR_SCHEMA, MirrorStore, MirrorTable, mirror_name, quote_ident
+from replicator.store.mirror import (
+    MIRROR_SCHEMA,
+    MirrorStore,
+    MirrorTable,
+    mirror_name,
+    quote_ident,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +37,10 @@ SESSION_SETTINGS = {
 
 
 async def _pipe(
-    erp: asyncpg.Connection, query: str, replica: asyncpg.Connection, target: str,
+    erp: asyncpg.Connection,
+    query: str,
+    replica: asyncpg.Connection,
+    target: str,
     columns: list[str],
 ) -> None:
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=32)
@@ -49,12 +58,18 @@ async def _pipe(
     async with asyncio.TaskGroup() as tg:
         tg.create_task(produce(), name=f"snapshot:read:{target}")
         await replica.copy_to_table(
-            target, source=chunks(), columns=columns, schema_name=MIRROR_SCHEMA,
-            format="text")
+            target,
+            source=chunks(),
+            columns=columns,
+            schema_name=MIRROR_SCHEMA,
+            format="text",
+        )
 
 
 async def copy_tables(
-    erp: asyncpg.Connection, snapshot_name: str, tables: list[TableInfo],
+    erp: asyncpg.Connection,
+    snapshot_name: str,
+    tables: list[TableInfo],
     store: MirrorStore,
 ) -> dict[str, MirrorTable]:
     """Copy ``tables`` as of ``snapshot_name`` into shadow tables; return their shapes.
@@ -70,27 +85,43 @@ async def copy_tables(
             shadow = f"_shadow_{name}"
             started = time.monotonic()
             await store.conn.execute(
-                f"DROP TABLE IF EXISTS {MIRROR_SCHEMA}.{quote_ident(shadow)}")
+                f"DROP TABLE IF EXISTS {MIRROR_SCHEMA}.{quote_ident(shadow)}"
+            )
             columns = list(info.columns.values())
             table = await store.create_table(
-                name, f"{info.root_schema}.{info.root_name}", columns, info.key,
-                table_name=shadow)
+                name,
+                f"{info.root_schema}.{info.root_name}",
+                columns,
+                info.key,
+                table_name=shadow,
+            )
             col_list = ", ".join(quote_ident(c.name) for c in columns)
             source = f"{quote_ident(info.root_schema)}.{quote_ident(info.root_name)}"
-            await _pipe(erp, f"SELECT {col_list} FROM {source}", store.conn, shadow,
-                        [c.name for c in columns])
-            await store.conn.execute(
-                f"DROP TABLE IF EXISTS {table.qualified}")
+            await _pipe(
+                erp,
+                f"SELECT {col_list} FROM {source}",
+                store.conn,
+                shadow,
+                [c.name for c in columns],
+            )
+            await store.conn.execute(f"DROP TABLE IF EXISTS {table.qualified}")
             await store.conn.execute(
                 f"ALTER TABLE {MIRROR_SCHEMA}.{quote_ident(shadow)} "
-                f"RENAME TO {quote_ident(name)}")
+                f"RENAME TO {quote_ident(name)}"
+            )
             await store.conn.execute(
                 f"ALTER INDEX IF EXISTS {MIRROR_SCHEMA}.{quote_ident(shadow + '_pkey')} "
-                f"RENAME TO {quote_ident(name + '_pkey')}")
+                f"RENAME TO {quote_ident(name + '_pkey')}"
+            )
             rows = await store.conn.fetchval(f"SELECT count(*) FROM {table.qualified}")
-            logger.info("table snapshot copied", extra={
-                "table": name, "rows": rows,
-                "seconds": round(time.monotonic() - started, 2)})
+            logger.info(
+                "table snapshot copied",
+                extra={
+                    "table": name,
+                    "rows": rows,
+                    "seconds": round(time.monotonic() - started, 2),
+                },
+            )
             loaded[name] = table
     return loaded
 
@@ -101,7 +132,11 @@ async def published_tables(catalog: Catalog, publication: str) -> list[TableInfo
     for oid in await catalog.publication_tables(publication):
         info = await catalog.table(oid)
         if info is not None and info.root_oid not in seen:
-            root = info if info.oid == info.root_oid else await catalog.table(info.root_oid)
+            root = (
+                info
+                if info.oid == info.root_oid
+                else await catalog.table(info.root_oid)
+            )
             if root is not None:
                 seen[info.root_oid] = root
     return list(seen.values())

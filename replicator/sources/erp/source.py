@@ -11,41 +11,53 @@ checkpoint, which is always correct since re-sent changes are skipped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 import asyncpg
 
-from replicator.backoff import retry_until_stopped
-from replicator.unified import sync_engine
 from replicator.applier import ApplyStats, ErpApplier, SourceInfo
+from replicator.backoff import retry_until_stopped
 from replicator.config import Settings
 from replicator.errors import (
-    first_error,
     ConfigError,
     ErpConnectionError,
     ErpSetupError,
-    ReplicatorError,
     StoreConnectionError,
     StoreError,
+    first_error,
 )
-from replicator.sources.erp.catalog import Catalog, check_prerequisites, tables_without_identity
+from replicator.sources.erp.catalog import (
+    Catalog,
+    check_prerequisites,
+    tables_without_identity,
+)
 from replicator.sources.erp.pgoutput import lsn_to_str
 from replicator.sources.erp.replication import ReplicationStream
-from replicator.sources.erp.snapshot import SESSION_SETTINGS, copy_tables, published_tables
+from replicator.sources.erp.snapshot import (
+    SESSION_SETTINGS,
+    copy_tables,
+    published_tables,
+)
 from replicator.store import checkpoints, incarnation
 from replicator.store.checkpoints import Checkpoint
 from replicator.store.mirror import MirrorStore
 from replicator.store.tables import create_schema
+from replicator.unified import sync_engine
 
 logger = logging.getLogger(__name__)
 
 # InternalClientError: asyncpg's protocol state broke with the connection (a
 # server shut down mid-operation); the connection is unusable, a retry is not.
-_CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError,
-                      asyncpg.CannotConnectNowError, asyncpg.ConnectionFailureError,
-                      asyncpg.AdminShutdownError, asyncpg.InternalClientError)
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InternalClientError,
+)
 
 
 def _parse_lsn(text: str) -> int:
@@ -57,11 +69,17 @@ async def _connect(dsn: str, what: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, server_settings=SESSION_SETTINGS)
     except asyncpg.InvalidPasswordError as exc:
-        raise ErpSetupError(f"{what} rejected the credentials: {exc}; fix the DSN") from exc
-    except (asyncpg.InvalidCatalogNameError,
-            asyncpg.InvalidAuthorizationSpecificationError) as exc:
-        raise ErpSetupError(f"cannot connect to the {what}: {exc}; fix the database "
-                            "or user name in its DSN") from exc
+        raise ErpSetupError(
+            f"{what} rejected the credentials: {exc}; fix the DSN"
+        ) from exc
+    except (
+        asyncpg.InvalidCatalogNameError,
+        asyncpg.InvalidAuthorizationSpecificationError,
+    ) as exc:
+        raise ErpSetupError(
+            f"cannot connect to the {what}: {exc}; fix the database "
+            "or user name in its DSN"
+        ) from exc
     except (*_CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
         cls = StoreConnectionError if what == "replica" else ErpConnectionError
         raise cls(f"cannot connect to the {what}: {exc}") from exc
@@ -73,27 +91,40 @@ class ErpPipeline:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         if settings.erp is None:
-            raise ConfigError("the config has no [erp] section; add one to replicate the ERP")
+            raise ConfigError(
+                "the config has no [erp] section; add one to replicate the ERP"
+            )
         self.erp_settings = settings.erp
         self.stats = ApplyStats()
         self.applier: ErpApplier | None = None
         self.caught_up = asyncio.Event()
         self.ready = asyncio.Event()
         self._target_lsn: int | None = None
-        self._awaiting_input = True  # the apply task waits on the queue, holding nothing
+        self._awaiting_input = (
+            True  # the apply task waits on the queue, holding nothing
+        )
 
-    async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> ApplyStats:
+    async def run(
+        self, stop: asyncio.Event, *, until_caught_up: bool = False
+    ) -> ApplyStats:
         """Run until ``stop`` is set (or caught up), restarting on passing faults."""
         await retry_until_stopped(
-            "erp pipeline", lambda: self.run_once(stop, until_caught_up=until_caught_up), stop)
+            "erp pipeline",
+            lambda: self.run_once(stop, until_caught_up=until_caught_up),
+            stop,
+        )
         return self.stats
 
-    async def run_once(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:
+    async def run_once(
+        self, stop: asyncio.Event, *, until_caught_up: bool = False
+    ) -> None:
         erp_dsn = self.erp_settings.database.resolve()
         replica = await _connect(self.settings.replica.resolve(), "replica")
         erp: asyncpg.Connection | None = None
         ddl: asyncpg.Connection | None = None
-        stream = ReplicationStream(erp_dsn, status_interval=self.erp_settings.status_interval_seconds)
+        stream = ReplicationStream(
+            erp_dsn, status_interval=self.erp_settings.status_interval_seconds
+        )
         try:
             erp = await _connect(erp_dsn, "ERP")
             start_lsn, source = await self._prepare(replica, erp, stream)
@@ -103,14 +134,22 @@ class ErpPipeline:
             store = MirrorStore(replica, self.erp_settings.stream, ddl)
             sync = await sync_engine(self.settings, replica)
             self.applier = ErpApplier(
-                store, Catalog(erp), source, start_lsn,
-                batch_changes=self.settings.apply.batch_changes, confirm=stream.confirm,
-                own_origin=self.erp_settings.origin, sync=sync)
+                store,
+                Catalog(erp),
+                source,
+                start_lsn,
+                batch_changes=self.settings.apply.batch_changes,
+                confirm=stream.confirm,
+                own_origin=self.erp_settings.origin,
+                sync=sync,
+            )
             self.applier.stats = self.stats
             self.ready.set()
             await self._stream(stream, erp, start_lsn, stop, until_caught_up)
         except (asyncpg.PostgresConnectionError, *_CONNECTION_ERRORS) as exc:
-            raise StoreConnectionError(f"replica or ERP connection lost: {exc}") from exc
+            raise StoreConnectionError(
+                f"replica or ERP connection lost: {exc}"
+            ) from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(f"replica rejected a change: {exc}") from exc
         finally:
@@ -132,76 +171,116 @@ class ErpPipeline:
         if await erp.fetchval("SELECT 1 FROM pg_publication WHERE pubname = $1", pub):
             return
         if not self.erp_settings.create_publication:
-            raise ErpSetupError(f"publication {pub!r} does not exist; create it with "
-                                f"CREATE PUBLICATION {pub} FOR ALL TABLES")
+            raise ErpSetupError(
+                f"publication {pub!r} does not exist; create it with "
+                f"CREATE PUBLICATION {pub} FOR ALL TABLES"
+            )
         target = "ALL TABLES"
         if self.erp_settings.tables:
             target = "TABLE " + ", ".join(self.erp_settings.tables)
         try:
-            await erp.execute(f"CREATE PUBLICATION {pub} FOR {target} "
-                              "WITH (publish_via_partition_root = true)")
+            await erp.execute(
+                f"CREATE PUBLICATION {pub} FOR {target} "
+                "WITH (publish_via_partition_root = true)"
+            )
         except asyncpg.InsufficientPrivilegeError as exc:
             raise ErpSetupError(
                 f"cannot create publication {pub!r}: {exc}; create it as a superuser "
-                f"(CREATE PUBLICATION {pub} FOR ALL TABLES) or grant the rights") from exc
+                f"(CREATE PUBLICATION {pub} FOR ALL TABLES) or grant the rights"
+            ) from exc
         logger.info("publication created", extra={"publication": pub, "tables": target})
 
-    async def _wait_slot_free(self, erp: asyncpg.Connection, slot: str) -> asyncpg.Record | None:
+    async def _wait_slot_free(
+        self, erp: asyncpg.Connection, slot: str
+    ) -> asyncpg.Record | None:
         deadline = time.monotonic() + 15
         while True:
             row = await erp.fetchrow(
                 "SELECT active, active_pid, confirmed_flush_lsn::text AS confirmed, "
-                "wal_status FROM pg_replication_slots WHERE slot_name = $1", slot)
+                "wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                slot,
+            )
             if row is None or not row["active"]:
                 return row
             if time.monotonic() > deadline:
                 raise ErpSetupError(
                     f"replication slot {slot!r} is in use by another process "
                     f"(pid {row['active_pid']}); stop that consumer, or give this "
-                    "instance its own erp.slot")
+                    "instance its own erp.slot"
+                )
             await asyncio.sleep(0.5)
 
     async def _prepare(
-        self, replica: asyncpg.Connection, erp: asyncpg.Connection, stream: ReplicationStream,
+        self,
+        replica: asyncpg.Connection,
+        erp: asyncpg.Connection,
+        stream: ReplicationStream,
     ) -> tuple[int, SourceInfo]:
         cfg = self.erp_settings
         await create_schema(replica)
         await check_prerequisites(erp)
         await self._ensure_publication(erp)
         catalog = Catalog(erp)
-        bad = await tables_without_identity(erp, await catalog.publication_tables(cfg.publication))
+        bad = await tables_without_identity(
+            erp, await catalog.publication_tables(cfg.publication)
+        )
         if bad:
             raise ErpSetupError(
                 f"published table(s) {', '.join(bad)} have no primary key or replica "
                 "identity index, so their rows cannot be matched by key; add a primary "
-                "key or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>")
+                "key or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>"
+            )
         system = await stream.open()
-        source = SourceInfo(cfg.stream, system.system_identifier, system.timeline, cfg.slot)
+        source = SourceInfo(
+            cfg.stream, system.system_identifier, system.timeline, cfg.slot
+        )
         cp = await checkpoints.load(replica, cfg.stream)
         slot = await self._wait_slot_free(erp, cfg.slot)
         restored = await incarnation.was_restored(replica)
         why = self._why_resync(cp, slot, system.system_identifier, restored)
         if why is None:
             assert cp is not None and cp.lsn is not None
-            logger.info("resuming from checkpoint", extra={
-                "position": cp.position, "slot_confirmed": slot and slot["confirmed"]})
+            logger.info(
+                "resuming from checkpoint",
+                extra={
+                    "position": cp.position,
+                    "slot_confirmed": slot and slot["confirmed"],
+                },
+            )
             await incarnation.record(replica)
             return cp.lsn, source
         if cp is not None:
-            logger.warning("resyncing every erp table from a new slot", extra={
-                "slot": cfg.slot, "reason": why, "checkpoint": cp.position,
-                "slot_confirmed": slot and slot["confirmed"]})
+            logger.warning(
+                "resyncing every erp table from a new slot",
+                extra={
+                    "slot": cfg.slot,
+                    "reason": why,
+                    "checkpoint": cp.position,
+                    "slot_confirmed": slot and slot["confirmed"],
+                },
+            )
         if slot is not None:
-            logger.warning("dropping replication slot without a usable checkpoint",
-                           extra={"slot": cfg.slot})
+            logger.warning(
+                "dropping replication slot without a usable checkpoint",
+                extra={"slot": cfg.slot},
+            )
             await erp.execute("SELECT pg_drop_replication_slot($1)", cfg.slot)
-        lsn = await self._snapshot(replica, erp, stream, source,
-                                   reason="snapshot" if cp is None else "resync", why=why)
+        lsn = await self._snapshot(
+            replica,
+            erp,
+            stream,
+            source,
+            reason="snapshot" if cp is None else "resync",
+            why=why,
+        )
         await incarnation.record(replica)
         return lsn, source
 
     def _why_resync(
-        self, cp: Checkpoint | None, slot: asyncpg.Record | None, system_identifier: str,
+        self,
+        cp: Checkpoint | None,
+        slot: asyncpg.Record | None,
+        system_identifier: str,
         restored: bool,
     ) -> str | None:
         """Say why the stream cannot resume from ``cp``, or None when it can.
@@ -215,7 +294,10 @@ class ErpPipeline:
             return "no checkpoint"
         if slot is None:
             return "replication slot missing (dropped)"
-        if cp.system_identifier != system_identifier or cp.slot_name != self.erp_settings.slot:
+        if (
+            cp.system_identifier != system_identifier
+            or cp.slot_name != self.erp_settings.slot
+        ):
             return "checkpoint belongs to another server or slot"
         if slot["wal_status"] == "lost":
             return "replication slot invalidated (wal_status lost)"
@@ -224,8 +306,13 @@ class ErpPipeline:
         return None
 
     async def _snapshot(
-        self, replica: asyncpg.Connection, erp_conn: asyncpg.Connection,
-        stream: ReplicationStream, source: SourceInfo, *, reason: str = "snapshot",
+        self,
+        replica: asyncpg.Connection,
+        erp_conn: asyncpg.Connection,
+        stream: ReplicationStream,
+        source: SourceInfo,
+        *,
+        reason: str = "snapshot",
         why: str = "no checkpoint",
     ) -> int:
         cfg = self.erp_settings
@@ -238,24 +325,44 @@ class ErpPipeline:
             store = MirrorStore(replica, cfg.stream)
             async with replica.transaction():
                 await copy_tables(reader, new_slot.snapshot_name, tables, store)
-                await checkpoints.save(replica, Checkpoint(
-                    cfg.stream, lsn_to_str(new_slot.consistent_lsn), new_slot.consistent_lsn,
-                    source.system_identifier, source.timeline, cfg.slot,
-                    {"snapshot": new_slot.snapshot_name, "why": why}), reason=reason)
+                await checkpoints.save(
+                    replica,
+                    Checkpoint(
+                        cfg.stream,
+                        lsn_to_str(new_slot.consistent_lsn),
+                        new_slot.consistent_lsn,
+                        source.system_identifier,
+                        source.timeline,
+                        cfg.slot,
+                        {"snapshot": new_slot.snapshot_name, "why": why},
+                    ),
+                    reason=reason,
+                )
         finally:
             reader.terminate()
-        logger.info("initial snapshot loaded", extra={
-            "tables": len(tables), "position": lsn_to_str(new_slot.consistent_lsn)})
+        logger.info(
+            "initial snapshot loaded",
+            extra={
+                "tables": len(tables),
+                "position": lsn_to_str(new_slot.consistent_lsn),
+            },
+        )
         return new_slot.consistent_lsn
 
     async def _stream(
-        self, stream: ReplicationStream, erp: asyncpg.Connection, start_lsn: int,
-        stop: asyncio.Event, until_caught_up: bool,
+        self,
+        stream: ReplicationStream,
+        erp: asyncpg.Connection,
+        start_lsn: int,
+        stop: asyncio.Event,
+        until_caught_up: bool,
     ) -> None:
         cfg = self.erp_settings
         assert self.applier is not None
         applier = self.applier
-        queue: asyncio.Queue[list | int] = asyncio.Queue(maxsize=self.settings.apply.queue_chunks)
+        queue: asyncio.Queue[list | int] = asyncio.Queue(
+            maxsize=self.settings.apply.queue_chunks
+        )
 
         async def read() -> None:
             async for item in stream.stream(cfg.slot, cfg.publication, start_lsn):
@@ -269,7 +376,8 @@ class ErpPipeline:
                 while True:
                     await asyncio.sleep(cfg.heartbeat_seconds)
                     await conn.execute(
-                        "SELECT pg_logical_emit_message(false, 'replicator.heartbeat', '')")
+                        "SELECT pg_logical_emit_message(false, 'replicator.heartbeat', '')"
+                    )
             finally:
                 conn.terminate()
 
@@ -311,10 +419,15 @@ class ErpPipeline:
             for task in (reader, beat, waiter, done):
                 task.cancel()
 
-    async def _on_idle(self, applier: ErpApplier, wal_end: int, until_caught_up: bool) -> None:
+    async def _on_idle(
+        self, applier: ErpApplier, wal_end: int, until_caught_up: bool
+    ) -> None:
         if applier.should_commit(input_idle=True):
             await applier.commit()
         if not applier.in_transaction and not applier.has_uncommitted:
             await applier.advance_idle(max(wal_end, applier.idle_lsn))
-            if self._target_lsn is not None and applier.checkpoint_lsn >= self._target_lsn:
+            if (
+                self._target_lsn is not None
+                and applier.checkpoint_lsn >= self._target_lsn
+            ):
                 self.caught_up.set()

@@ -28,8 +28,8 @@ from replicator.sources.salesforce.rest import RestClient
 from replicator.sources.salesforce.schema import ObjectShape, shape_of, to_text
 from replicator.store import checkpoints
 from replicator.store.checkpoints import Checkpoint
-from replicator.unified import SyncEngine
 from replicator.store.mirror import MirrorStore, MirrorTable, TableChanges, quote_ident
+from replicator.unified import SyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class SfStats:
     received_by_object: dict[str, int] = field(default_factory=dict)
     applied_by_object: dict[str, int] = field(default_factory=dict)
     latencies: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=1000))
+        default_factory=lambda: collections.deque(maxlen=1000)
+    )
     last_latency: float = 0.0
 
 
@@ -77,9 +78,15 @@ class _ObjectState:
 class SfApplier:
     """Mirror Salesforce objects into schema ``sf`` of the replica."""
 
-    def __init__(self, store: MirrorStore, rest: RestClient, *, stream_prefix: str = "sf",
-                 skew: dt.timedelta = dt.timedelta(minutes=5),
-                 sync: SyncEngine | None = None) -> None:
+    def __init__(
+        self,
+        store: MirrorStore,
+        rest: RestClient,
+        *,
+        stream_prefix: str = "sf",
+        skew: dt.timedelta = dt.timedelta(minutes=5),
+        sync: SyncEngine | None = None,
+    ) -> None:
         self.store = store
         self.sync = sync
         self.rest = rest
@@ -99,9 +106,13 @@ class SfApplier:
         columns = shape.columns()
         table = await self.store.load_table(shape.object_name)
         if table is None:
-            table = await self.store.create_table(shape.table, shape.object_name, columns, ("id",))
-            logger.info("mirror table created", extra={"object": object_name,
-                                                       "table": f"sf.{shape.table}"})
+            table = await self.store.create_table(
+                shape.table, shape.object_name, columns, ("id",)
+            )
+            logger.info(
+                "mirror table created",
+                extra={"object": object_name, "table": f"sf.{shape.table}"},
+            )
         elif [c.name for c in columns] != table.columns or [
             c.mirror_type for c in columns
         ] != table.types:
@@ -113,7 +124,11 @@ class SfApplier:
     # -- loads -------------------------------------------------------------------
 
     def _select(self, shape: ObjectShape) -> str:
-        return "SELECT " + ", ".join(f.api_name for f in shape.fields) + f" FROM {shape.object_name}"
+        return (
+            "SELECT "
+            + ", ".join(f.api_name for f in shape.fields)
+            + f" FROM {shape.object_name}"
+        )
 
     def _full_row(self, shape: ObjectShape, record: dict[str, Any]) -> tuple[Any, ...]:
         return tuple(to_text(record.get(f.api_name)) for f in shape.fields)
@@ -127,7 +142,12 @@ class SfApplier:
         async with conn.transaction():
             await conn.execute(f"DROP TABLE IF EXISTS sf.{quote_ident(shadow)}")
             shadow_table = await self.store.create_table(
-                shape.table, shape.object_name, shape.columns(), ("id",), table_name=shadow)
+                shape.table,
+                shape.object_name,
+                shape.columns(),
+                ("id",),
+                table_name=shadow,
+            )
             shadow_table.name = shadow
             changes = TableChanges(shadow_table)
             async for record in self.rest.query(self._select(shape)):
@@ -136,23 +156,43 @@ class SfApplier:
                 if len(changes.rows) >= 2000:
                     await self.store.apply(changes)
                     changes = TableChanges(shadow_table)
-                    logger.info("initial load progress", extra={"object": object_name,
-                                                                "records": count})
+                    logger.info(
+                        "initial load progress",
+                        extra={"object": object_name, "records": count},
+                    )
             await self.store.apply(changes)
             await conn.execute(f"DROP TABLE IF EXISTS {state.table.qualified}")
-            await conn.execute(f"ALTER TABLE sf.{quote_ident(shadow)} RENAME TO "
-                               f"{quote_ident(shape.table)}")
-            await conn.execute(f"ALTER INDEX IF EXISTS sf.{quote_ident(shadow + '_pkey')} "
-                               f"RENAME TO {quote_ident(shape.table + '_pkey')}")
+            await conn.execute(
+                f"ALTER TABLE sf.{quote_ident(shadow)} RENAME TO "
+                f"{quote_ident(shape.table)}"
+            )
+            await conn.execute(
+                f"ALTER INDEX IF EXISTS sf.{quote_ident(shadow + '_pkey')} "
+                f"RENAME TO {quote_ident(shape.table + '_pkey')}"
+            )
             state.table.version += 1  # new staging layout for the swapped table
-            await checkpoints.save(conn, Checkpoint(
-                self.stream_name(state.channel), "-2", None,
-                details={"loaded_at": dt.datetime.now(dt.UTC).isoformat(), "records": count}),
-                reason="initial load", changes=count)
-        logger.info("initial load done", extra={"object": object_name, "records": count})
+            await checkpoints.save(
+                conn,
+                Checkpoint(
+                    self.stream_name(state.channel),
+                    "-2",
+                    None,
+                    details={
+                        "loaded_at": dt.datetime.now(dt.UTC).isoformat(),
+                        "records": count,
+                    },
+                ),
+                reason="initial load",
+                changes=count,
+            )
+        logger.info(
+            "initial load done", extra={"object": object_name, "records": count}
+        )
         return count
 
-    async def catch_up(self, object_name: str, since: dt.datetime | None, *, reason: str) -> int:
+    async def catch_up(
+        self, object_name: str, since: dt.datetime | None, *, reason: str
+    ) -> int:
         """Re-read records changed since ``since`` (deleted ones too) into the mirror."""
         state = self.objects[object_name]
         soql = self._select(state.shape)
@@ -163,12 +203,23 @@ class SfApplier:
             applied = await self._upsert_records(state, records)
             await self.store.conn.execute(
                 "INSERT INTO replicator.checkpoint_history (stream, position, reason, changes) "
-                "VALUES ($1, $2, $3, $4)", self.stream_name(state.channel),
-                "catch-up", reason, applied)
+                "VALUES ($1, $2, $3, $4)",
+                self.stream_name(state.channel),
+                "catch-up",
+                reason,
+                applied,
+            )
         self.stats.catch_ups += 1
-        logger.warning("object caught up over REST", extra={
-            "object": object_name, "since": since.isoformat() if since else None,
-            "records": len(records), "applied": applied, "reason": reason})
+        logger.warning(
+            "object caught up over REST",
+            extra={
+                "object": object_name,
+                "since": since.isoformat() if since else None,
+                "records": len(records),
+                "applied": applied,
+                "reason": reason,
+            },
+        )
         return applied
 
     async def reread(self, object_name: str, ids: set[str]) -> None:
@@ -176,7 +227,9 @@ class SfApplier:
         async with self.store.conn.transaction():
             await self._refetch(self.objects[object_name], ids)
 
-    async def _upsert_records(self, state: _ObjectState, records: list[dict[str, Any]]) -> int:
+    async def _upsert_records(
+        self, state: _ObjectState, records: list[dict[str, Any]]
+    ) -> int:
         """Write full records unless the mirror already holds a newer version."""
         stored = await self._modstamps(state, [r["Id"] for r in records])
         changes = TableChanges(state.table)
@@ -189,10 +242,13 @@ class SfApplier:
         await self.store.apply(changes)
         return len(changes.rows)
 
-    async def _modstamps(self, state: _ObjectState, ids: Iterable[str]) -> dict[str, dt.datetime]:
+    async def _modstamps(
+        self, state: _ObjectState, ids: Iterable[str]
+    ) -> dict[str, dt.datetime]:
         rows = await self.store.conn.fetch(
             f"SELECT id, system_modstamp FROM {state.table.qualified} WHERE id = ANY($1::text[])",
-            list(ids))
+            list(ids),
+        )
         return {r[0]: r[1] for r in rows if r[1] is not None}
 
     # -- events --------------------------------------------------------------------
@@ -209,7 +265,9 @@ class SfApplier:
                 state = self.objects.get(object_name)
                 if state is None:
                     for change in group:
-                        await self.dead_letter(change, f"object {object_name!r} is not mirrored")
+                        await self.dead_letter(
+                            change, f"object {object_name!r} is not mirrored"
+                        )
                     continue
                 await self._apply_object(state, group)
             for change in ordered:
@@ -217,37 +275,60 @@ class SfApplier:
                 if last is None or change.replay_id >= last.replay_id:
                     positions[change.channel] = change
             for channel, change in positions.items():
-                await checkpoints.save(self.store.conn, Checkpoint(
-                    self.stream_name(channel), str(change.replay_id), change.replay_id,
-                    details={"commit_ms": int(change.commit_time.timestamp() * 1000),
-                             "object": change.object_name}),
-                    reason="apply", changes=len(changes))
+                await checkpoints.save(
+                    self.store.conn,
+                    Checkpoint(
+                        self.stream_name(channel),
+                        str(change.replay_id),
+                        change.replay_id,
+                        details={
+                            "commit_ms": int(change.commit_time.timestamp() * 1000),
+                            "object": change.object_name,
+                        },
+                    ),
+                    reason="apply",
+                    changes=len(changes),
+                )
         self.stats.batches += 1
         newest = max(change.commit_time for change in changes)
         self.stats.last_latency = max(0.0, time.time() - newest.timestamp())
         self.stats.latencies.append(self.stats.last_latency)
 
-    async def _apply_object(self, state: _ObjectState, group: list[RecordChange]) -> None:
+    async def _apply_object(
+        self, state: _ObjectState, group: list[RecordChange]
+    ) -> None:
         known = state.shape.by_api
-        if any(name not in known for change in group
-               for name in (*change.fields, *change.diffs)):
+        if any(
+            name not in known
+            for change in group
+            for name in (*change.fields, *change.diffs)
+        ):
             # A field added to the org after start: describe again and evolve
             # the mirror in this transaction, rather than dead-letter the change.
-            logger.info("event names fields the mirror lacks, describing the object again",
-                        extra={"object": state.shape.object_name})
+            logger.info(
+                "event names fields the mirror lacks, describing the object again",
+                extra={"object": state.shape.object_name},
+            )
             before = set(state.table.columns)
             state = await self.prepare(state.shape.object_name)
             if set(state.table.columns) - before:
                 # Records no event touches hold values (defaults) for the new
                 # fields too: read the object once more.
-                await self.catch_up(state.shape.object_name, None,
-                                    reason="fields added to the org")
+                await self.catch_up(
+                    state.shape.object_name, None, reason="fields added to the org"
+                )
         shape, table = state.shape, state.table
         columns = {f.api_name: i for i, f in enumerate(shape.fields)}
-        mapped = self.sync is not None and self.sync.watches("salesforce", shape.object_name)
-        before = (await self.sync.snapshot(self.store.conn, table,
-                                           [(c.record_id,) for c in group])
-                  if mapped and self.sync is not None else {})
+        mapped = self.sync is not None and self.sync.watches(
+            "salesforce", shape.object_name
+        )
+        before = (
+            await self.sync.snapshot(
+                self.store.conn, table, [(c.record_id,) for c in group]
+            )
+            if mapped and self.sync is not None
+            else {}
+        )
         stored = await self._modstamps(state, {c.record_id for c in group})
         changes = TableChanges(table)
         refetch: set[str] = set()
@@ -260,14 +341,22 @@ class SfApplier:
         for change in group:
             self.stats.events += 1
             if change.client:
-                self.stats.by_origin[change.client] = self.stats.by_origin.get(change.client, 0) + 1
+                self.stats.by_origin[change.client] = (
+                    self.stats.by_origin.get(change.client, 0) + 1
+                )
             if change.change_type == "GAP_OVERFLOW":
                 overflow = change
                 continue
             if change.is_gap:
-                logger.info("gap event, re-reading the record over REST", extra={
-                    "object": shape.object_name, "change_type": change.change_type,
-                    "key": change.record_id, "replay_id": change.replay_id})
+                logger.info(
+                    "gap event, re-reading the record over REST",
+                    extra={
+                        "object": shape.object_name,
+                        "change_type": change.change_type,
+                        "key": change.record_id,
+                        "replay_id": change.replay_id,
+                    },
+                )
             if change.is_gap or change.change_type == "DELETE":
                 # A DELETE carries no values, yet the org changed LastModifiedDate
                 # and more: read the record from the recycle bin (queryAll).
@@ -278,15 +367,23 @@ class SfApplier:
                 self.stats.skipped += 1
                 continue
             if current is None and change.change_type in ("UPDATE", "DELETE"):
-                refetch.add(change.record_id)  # the mirror lacks the record: read it whole
+                refetch.add(
+                    change.record_id
+                )  # the mirror lacks the record: read it whole
                 continue
             unknown = [f for f in change.fields if f not in columns]
             if unknown:
-                await self.dead_letter(change, f"unknown field(s) {', '.join(unknown)} on "
-                                               f"{shape.object_name}; the mirror cannot hold them")
+                await self.dead_letter(
+                    change,
+                    f"unknown field(s) {', '.join(unknown)} on "
+                    f"{shape.object_name}; the mirror cannot hold them",
+                )
                 continue
-            row: list[Any] = ([None] * len(shape.fields) if change.change_type in
-                              ("CREATE", "UNDELETE") else [UNCHANGED] * len(shape.fields))
+            row: list[Any] = (
+                [None] * len(shape.fields)
+                if change.change_type in ("CREATE", "UNDELETE")
+                else [UNCHANGED] * len(shape.fields)
+            )
             row[columns["Id"]] = change.record_id
             for api_name, value in change.fields.items():
                 row[columns[api_name]] = to_text(value)
@@ -305,7 +402,8 @@ class SfApplier:
             # Only a change to a formula's inputs (or a compound's parts) can
             # move a derived value: the others need no REST round trip.
             if change.change_type != "DELETE" and shape.needs_refresh(
-                    change.change_type, (*change.fields, *change.diffs)):
+                change.change_type, (*change.fields, *change.diffs)
+            ):
                 refresh.add(change.record_id)
         await self.store.apply(changes)
         if refetch:
@@ -313,26 +411,49 @@ class SfApplier:
         if refresh - refetch:
             await self._refresh_calculated(state, refresh - refetch)
         if overflow is not None:
-            await self.catch_up(shape.object_name, overflow.commit_time, reason="GAP_OVERFLOW")
+            await self.catch_up(
+                shape.object_name, overflow.commit_time, reason="GAP_OVERFLOW"
+            )
         if mapped and self.sync is not None:
             await self._resolve(state, group, before)
 
-    async def _resolve(self, state: _ObjectState, group: list[RecordChange],
-                       before: dict[str, dict[str, Any]]) -> None:
+    async def _resolve(
+        self,
+        state: _ObjectState,
+        group: list[RecordChange],
+        before: dict[str, dict[str, Any]],
+    ) -> None:
         """Hand what this batch changed in a mapped object's mirror to resolution."""
         assert self.sync is not None
-        after = await self.sync.snapshot(self.store.conn, state.table,
-                                         [(c.record_id,) for c in group])
+        after = await self.sync.snapshot(
+            self.store.conn, state.table, [(c.record_id,) for c in group]
+        )
         times: dict[str, dt.datetime] = {}
         for change in group:
-            if change.record_id not in times or change.commit_time > times[change.record_id]:
+            if (
+                change.record_id not in times
+                or change.commit_time > times[change.record_id]
+            ):
                 times[change.record_id] = change.commit_time
         position = str(max(c.replay_id for c in group))
-        await self.sync.on_rows(self.store.conn, "salesforce", state.shape.object_name,
-                                before, after, times, position)
+        await self.sync.on_rows(
+            self.store.conn,
+            "salesforce",
+            state.shape.object_name,
+            before,
+            after,
+            times,
+            position,
+        )
 
-    async def _apply_diffs(self, state: _ObjectState, change: RecordChange, row: list[Any],
-                           columns: dict[str, int], pending: TableChanges) -> bool:
+    async def _apply_diffs(
+        self,
+        state: _ObjectState,
+        change: RecordChange,
+        row: list[Any],
+        columns: dict[str, int],
+        pending: TableChanges,
+    ) -> bool:
         for api_name, diff in change.diffs.items():
             if api_name not in columns:
                 return False
@@ -341,15 +462,21 @@ class SfApplier:
             try:
                 row[index] = apply_diff(old, diff)
             except DiffMismatch as exc:
-                logger.warning("diff does not fit the stored value, re-reading the record",
-                               extra={"object": state.shape.object_name,
-                                      "key": change.record_id, "field": api_name,
-                                      "reason": str(exc)})
+                logger.warning(
+                    "diff does not fit the stored value, re-reading the record",
+                    extra={
+                        "object": state.shape.object_name,
+                        "key": change.record_id,
+                        "field": api_name,
+                        "reason": str(exc),
+                    },
+                )
                 return False
         return True
 
-    async def _current_value(self, state: _ObjectState, record_id: str, index: int,
-                             pending: TableChanges) -> str | None:
+    async def _current_value(
+        self, state: _ObjectState, record_id: str, index: int, pending: TableChanges
+    ) -> str | None:
         queued = pending.rows.get((record_id,))
         if queued is not None and queued[1] and queued[1][index] is not UNCHANGED:
             value = queued[1][index]
@@ -357,7 +484,8 @@ class SfApplier:
         column = state.table.columns[index]
         result: str | None = await self.store.conn.fetchval(
             f"SELECT {quote_ident(column)}::text FROM {state.table.qualified} WHERE id = $1",
-            record_id)
+            record_id,
+        )
         return result
 
     async def _refetch(self, state: _ObjectState, ids: set[str]) -> None:
@@ -365,7 +493,7 @@ class SfApplier:
         records: list[dict[str, Any]] = []
         id_list = sorted(ids)
         for i in range(0, len(id_list), _SOQL_IDS):
-            quoted = ", ".join(f"'{rid}'" for rid in id_list[i:i + _SOQL_IDS])
+            quoted = ", ".join(f"'{rid}'" for rid in id_list[i : i + _SOQL_IDS])
             soql = f"{self._select(state.shape)} WHERE Id IN ({quoted})"
             records += [r async for r in self.rest.query(soql, include_deleted=True)]
         found = {r["Id"] for r in records}
@@ -390,7 +518,7 @@ class SfApplier:
         id_list = sorted(ids)
         changes = TableChanges(state.table)
         for i in range(0, len(id_list), _SOQL_IDS):
-            quoted = ", ".join(f"'{rid}'" for rid in id_list[i:i + _SOQL_IDS])
+            quoted = ", ".join(f"'{rid}'" for rid in id_list[i : i + _SOQL_IDS])
             soql = f"SELECT {', '.join(fields)} FROM {state.shape.object_name} WHERE Id IN ({quoted})"
             async for record in self.rest.query(soql, include_deleted=True):
                 row: list[Any] = [UNCHANGED] * len(state.shape.fields)
@@ -400,24 +528,51 @@ class SfApplier:
                 changes.put((record["Id"],), tuple(row))
         await self.store.apply(changes)
 
-    async def dead_letter(self, change: RecordChange | None, reason: str, *,
-                          raw: Any = None, channel: str = "", entity: str = "") -> None:
+    async def dead_letter(
+        self,
+        change: RecordChange | None,
+        reason: str,
+        *,
+        raw: Any = None,
+        channel: str = "",
+        entity: str = "",
+    ) -> None:
         self.stats.dead_letters += 1
-        payload = raw if raw is not None else (
-            {"object": change.object_name, "id": change.record_id, "type": change.change_type,
-             "fields": dict(change.fields), "replay_id": change.replay_id}
-            if change else None)
+        payload = (
+            raw
+            if raw is not None
+            else (
+                {
+                    "object": change.object_name,
+                    "id": change.record_id,
+                    "type": change.change_type,
+                    "fields": dict(change.fields),
+                    "replay_id": change.replay_id,
+                }
+                if change
+                else None
+            )
+        )
         await self.store.conn.execute(
             "INSERT INTO replicator.dead_letters (stream, entity, source_key, position, "
             "reason, payload) VALUES ($1, $2, $3, $4, $5, $6)",
             self.stream_name(change.channel if change else channel),
             change.object_name if change else entity,
             change.record_id if change else None,
-            str(change.replay_id) if change else None, reason,
-            orjson.dumps(payload, default=str).decode() if payload is not None else None)
-        logger.warning("event dead-lettered", extra={
-            "object": change.object_name if change else entity,
-            "key": change.record_id if change else None, "reason": reason})
+            str(change.replay_id) if change else None,
+            reason,
+            orjson.dumps(payload, default=str).decode()
+            if payload is not None
+            else None,
+        )
+        logger.warning(
+            "event dead-lettered",
+            extra={
+                "object": change.object_name if change else entity,
+                "key": change.record_id if change else None,
+                "reason": reason,
+            },
+        )
 
 
 def _transaction_order(changes: list[RecordChange]) -> list[RecordChange]:
@@ -444,4 +599,3 @@ def _parse_sf_time(value: Any) -> dt.datetime | None:
     if text[-5] in "+-" and text[-3] != ":":
         text = text[:-2] + ":" + text[-2:]
     return dt.datetime.fromisoformat(text)
-

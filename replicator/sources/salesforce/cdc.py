@@ -24,10 +24,19 @@ from typing import Any
 
 from replicator.errors import ApplyError
 
-CHANGE_TYPES = frozenset({
-    "CREATE", "UPDATE", "DELETE", "UNDELETE", "GAP_CREATE", "GAP_UPDATE",
-    "GAP_DELETE", "GAP_UNDELETE", "GAP_OVERFLOW",
-})
+CHANGE_TYPES = frozenset(
+    {
+        "CREATE",
+        "UPDATE",
+        "DELETE",
+        "UNDELETE",
+        "GAP_CREATE",
+        "GAP_UPDATE",
+        "GAP_DELETE",
+        "GAP_UNDELETE",
+        "GAP_OVERFLOW",
+    }
+)
 _HEADER = "ChangeEventHeader"
 
 
@@ -87,14 +96,15 @@ class CompoundMap:
             target = self.components.get((compound, component))
             if target is None:
                 raise MalformedEvent(
-                    f"unknown component {component!r} of compound field {compound!r}")
+                    f"unknown component {component!r} of compound field {compound!r}"
+                )
             flat[target] = v
         return flat
 
 
 def _component_of(compound: str, name: str) -> str:
     if compound.endswith("Address") and name.startswith(compound[: -len("Address")]):
-        return name[len(compound) - len("Address"):]
+        return name[len(compound) - len("Address") :]
     geo = re.fullmatch(r"(.+)__(Latitude|Longitude)__s", name)
     if geo and compound == geo.group(1) + "__c":
         return geo.group(2)
@@ -136,11 +146,16 @@ def parse_message(
     commit_time = dt.datetime.fromtimestamp(commit_ms / 1000, tz=dt.UTC)
     return [
         RecordChange(
-            object_name=object_name, record_id=str(rid), change_type=change_type,
-            fields=fields, diffs=diffs, commit_time=commit_time,
+            object_name=object_name,
+            record_id=str(rid),
+            change_type=change_type,
+            fields=fields,
+            diffs=diffs,
+            commit_time=commit_time,
             transaction_key=str(header.get("transactionKey", "")),
             sequence=int(header.get("sequenceNumber", 0)),
-            origin=str(header.get("changeOrigin", "")), replay_id=replay_id,
+            origin=str(header.get("changeOrigin", "")),
+            replay_id=replay_id,
             channel=str(message.get("channel", "")),
             changed_fields=tuple(header.get("changedFields") or ()),
         )
@@ -159,7 +174,9 @@ def _diff_lines(lines: list[str]) -> list[tuple[str, str]]:
     """Pair each hunk body line's marker with its text, newline included."""
     out: list[tuple[str, str]] = []
     for line in lines:
-        if line.startswith("\\"):  # "\ No newline at end of file": the last line had none
+        if line.startswith(
+            "\\"
+        ):  # "\ No newline at end of file": the last line had none
             if out:
                 marker, text = out[-1]
                 out[-1] = (marker, text[:-1])
@@ -176,7 +193,11 @@ def apply_diff(old: str | None, diff: str) -> str:
     when the result's hash differs.
     """
     lines = diff.split("\n")
-    if len(lines) < 2 or not lines[0].startswith("---") or not lines[1].startswith("+++"):
+    if (
+        len(lines) < 2
+        or not lines[0].startswith("---")
+        or not lines[1].startswith("+++")
+    ):
         raise DiffMismatch("not a unified diff")
     expected_hash = lines[1][3:].strip()
     source = (old or "").splitlines(keepends=True)

@@ -22,7 +22,9 @@ from replicator.errors import SalesforceError
 
 logger = logging.getLogger(__name__)
 
-_RETRY_CODES = frozenset({"REQUEST_LIMIT_EXCEEDED", "UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"})
+_RETRY_CODES = frozenset(
+    {"REQUEST_LIMIT_EXCEEDED", "UNABLE_TO_LOCK_ROW", "SERVER_UNAVAILABLE"}
+)
 
 
 class AuthLike(Protocol):
@@ -63,7 +65,11 @@ def _error_of(status: int, body: Any) -> SalesforceRestError:
         message = str(body[0].get("message", message))
     elif isinstance(body, dict) and "error" in body:
         code, message = str(body["error"]), str(body.get("error_description", ""))
-    cls = SalesforceBusyError if (code in _RETRY_CODES or status >= 500) else SalesforceRestError
+    cls = (
+        SalesforceBusyError
+        if (code in _RETRY_CODES or status >= 500)
+        else SalesforceRestError
+    )
     return cls(status, code, message)
 
 
@@ -71,8 +77,13 @@ class RestClient:
     """REST calls against one org through one aiohttp session."""
 
     def __init__(
-        self, auth: AuthLike, session: aiohttp.ClientSession, *, api_version: str = "60.0",
-        client_name: str | None = None, attempts: int = 6,
+        self,
+        auth: AuthLike,
+        session: aiohttp.ClientSession,
+        *,
+        api_version: str = "60.0",
+        client_name: str | None = None,
+        attempts: int = 6,
     ) -> None:
         self.auth = auth
         self.http = session
@@ -85,12 +96,24 @@ class RestClient:
     def base(self) -> str:
         return f"{self.auth.instance_url}/services/data/v{self.api_version}"
 
-    async def request(self, method: str, path: str, *, json: Any = None,
-                      params: Mapping[str, str] | None = None) -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Any:
         """Send one call; return its decoded JSON body (None for 204)."""
-        url = path if path.startswith("http") else (
-            f"{self.auth.instance_url}{path}" if path.startswith("/services") else
-            f"{self.base}{path}")
+        url = (
+            path
+            if path.startswith("http")
+            else (
+                f"{self.auth.instance_url}{path}"
+                if path.startswith("/services")
+                else f"{self.base}{path}"
+            )
+        )
         backoff = Backoff(initial=0.2, cap=10)
         reauthenticated = False
         for attempt in range(1, self.attempts + 1):
@@ -102,8 +125,9 @@ class RestClient:
                 headers["Content-Type"] = "application/json"
                 data = orjson.dumps(json)
             try:
-                async with self.http.request(method, url, data=data, params=params,
-                                             headers=headers) as resp:
+                async with self.http.request(
+                    method, url, data=data, params=params, headers=headers
+                ) as resp:
                     self.calls += 1
                     raw = await resp.read()
                     status = resp.status
@@ -121,22 +145,32 @@ class RestClient:
             if not error.retriable or attempt == self.attempts:
                 raise error
             delay = backoff.next_delay()
-            logger.warning("salesforce call refused, retrying", extra={
-                "method": method, "path": path.split("?")[0], "error": str(error),
-                "attempt": attempt, "retry_in": round(delay, 2)})
+            logger.warning(
+                "salesforce call refused, retrying",
+                extra={
+                    "method": method,
+                    "path": path.split("?")[0],
+                    "error": str(error),
+                    "attempt": attempt,
+                    "retry_in": round(delay, 2),
+                },
+            )
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def describe(self, object_name: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.request("GET", f"/sobjects/{object_name}/describe")
+        result: dict[str, Any] = await self.request(
+            "GET", f"/sobjects/{object_name}/describe"
+        )
         return result
 
     async def describe_global(self) -> list[dict[str, Any]]:
         body = await self.request("GET", "/sobjects")
         return list(body["sobjects"])
 
-    async def query(self, soql: str, *, include_deleted: bool = False
-                    ) -> AsyncIterator[dict[str, Any]]:
+    async def query(
+        self, soql: str, *, include_deleted: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
         """Yield every record of ``soql``, following ``nextRecordsUrl``."""
         resource = "/queryAll" if include_deleted else "/query"
         body = await self.request("GET", resource, params={"q": soql})
@@ -148,13 +182,15 @@ class RestClient:
                 return
             body = await self.request("GET", next_url)
 
-    async def retrieve(self, object_name: str, record_id: str,
-                       fields: list[str] | None = None) -> dict[str, Any] | None:
+    async def retrieve(
+        self, object_name: str, record_id: str, fields: list[str] | None = None
+    ) -> dict[str, Any] | None:
         """Return the record, or None when it does not exist or is deleted."""
         params = {"fields": ",".join(fields)} if fields else None
         try:
             result: dict[str, Any] = await self.request(
-                "GET", f"/sobjects/{object_name}/{quote(record_id)}", params=params)
+                "GET", f"/sobjects/{object_name}/{quote(record_id)}", params=params
+            )
             return result
         except SalesforceRestError as exc:
             if exc.status == 404 or exc.code in ("NOT_FOUND", "ENTITY_IS_DELETED"):

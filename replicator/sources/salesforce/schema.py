@@ -18,10 +18,22 @@ from replicator.sources.erp.catalog import ColumnInfo
 
 _SPLIT_LOWER_UPPER = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SPLIT_ACRONYM = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
-_TEXT_TYPES = frozenset({
-    "string", "textarea", "picklist", "multipicklist", "combobox", "email", "phone",
-    "url", "encryptedstring", "anyType", "base64", "complexvalue",
-})
+_TEXT_TYPES = frozenset(
+    {
+        "string",
+        "textarea",
+        "picklist",
+        "multipicklist",
+        "combobox",
+        "email",
+        "phone",
+        "url",
+        "encryptedstring",
+        "anyType",
+        "base64",
+        "complexvalue",
+    }
+)
 _COMPOUND_TYPES = frozenset({"address", "location"})
 _STRINGS = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 _NUMBERS = re.compile(r"\b\d+\.\d+\b")
@@ -47,7 +59,10 @@ def pg_type(field: Mapping[str, Any]) -> str | None:
     if kind == "int":
         return "bigint"
     if kind in ("double", "currency", "percent"):
-        precision, scale = int(field.get("precision") or 0), int(field.get("scale") or 0)
+        precision, scale = (
+            int(field.get("precision") or 0),
+            int(field.get("scale") or 0),
+        )
         return f"numeric({precision},{scale})" if precision else "numeric"
     if kind == "date":
         return "date"
@@ -114,7 +129,9 @@ def shape_of(describe: Mapping[str, Any]) -> ObjectShape:
             column = name.lower()
         used.add(column)
         derived = bool(f.get("calculated")) or name in parents
-        fields.append(MirrorField(name, column, kind, derived, bool(f.get("updateable"))))
+        fields.append(
+            MirrorField(name, column, kind, derived, bool(f.get("updateable")))
+        )
     inputs = _refresh_inputs(describe["fields"], parents)
     table = snake(str(describe["name"]))
     return ObjectShape(str(describe["name"]), table, tuple(fields), inputs)
@@ -132,16 +149,20 @@ def _refresh_inputs(
     """
     # Formula field names are case-insensitive; a formula over a formula is
     # not followed.
-    plain = {str(f["name"]).lower(): str(f["name"]) for f in fields
-             if not f.get("calculated")}
+    plain = {
+        str(f["name"]).lower(): str(f["name"])
+        for f in fields
+        if not f.get("calculated")
+    }
     inputs: set[str] = set()
     for f in fields:
         name = str(f["name"])
         if pg_type(f) is None:
             continue
         if name in parents:
-            inputs.update(str(c["name"]) for c in fields
-                          if c.get("compoundFieldName") == name)
+            inputs.update(
+                str(c["name"]) for c in fields if c.get("compoundFieldName") == name
+            )
         elif f.get("calculated"):
             formula = _STRINGS.sub("", str(f.get("calculatedFormula") or ""))
             if not formula or "$" in formula or "." in _NUMBERS.sub("", formula):

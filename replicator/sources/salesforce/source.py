@@ -15,7 +15,6 @@ its stream restarts from the oldest retained event (-2).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from typing import Any
@@ -25,15 +24,25 @@ import asyncpg
 
 from replicator.backoff import retry_until_stopped
 from replicator.config import SalesforceSettings, Settings
-from replicator.errors import ConfigError, ReplicatorError, first_error, StoreConnectionError, StoreError
+from replicator.errors import (
+    ConfigError,
+    StoreConnectionError,
+    StoreError,
+    first_error,
+)
 from replicator.sources.erp.snapshot import SESSION_SETTINGS
-from replicator.unified import sync_engine
 from replicator.sources.salesforce.applier import SfApplier
-from replicator.sources.salesforce.cdc import CompoundMap, MalformedEvent, RecordChange, parse_message
+from replicator.sources.salesforce.cdc import (
+    CompoundMap,
+    MalformedEvent,
+    RecordChange,
+    parse_message,
+)
 from replicator.sources.salesforce.rest import RestClient
 from replicator.store import checkpoints
 from replicator.store.mirror import MirrorStore
 from replicator.store.tables import create_schema
+from replicator.unified import sync_engine
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +57,18 @@ def build_authenticator(cfg: SalesforceSettings) -> Any:
     if cfg.private_key_file:
         with open(cfg.private_key_file) as fh:
             key = fh.read()
-    return Authenticator(Credentials(
-        login_url=cfg.login_url, client_id=cfg.client_id,
-        client_secret=cfg.secret(cfg.client_secret_env, "client secret"),
-        username=cfg.username, password=cfg.secret(cfg.password_env, "password"),
-        refresh_token=cfg.secret(cfg.refresh_token_env, "refresh token"),
-        private_key_pem=key, grant=cfg.grant))
+    return Authenticator(
+        Credentials(
+            login_url=cfg.login_url,
+            client_id=cfg.client_id,
+            client_secret=cfg.secret(cfg.client_secret_env, "client secret"),
+            username=cfg.username,
+            password=cfg.secret(cfg.password_env, "password"),
+            refresh_token=cfg.secret(cfg.refresh_token_env, "refresh token"),
+            private_key_pem=key,
+            grant=cfg.grant,
+        )
+    )
 
 
 class SalesforcePipeline:
@@ -61,7 +76,9 @@ class SalesforcePipeline:
 
     def __init__(self, settings: Settings) -> None:
         if settings.salesforce is None:
-            raise ConfigError("the config has no [salesforce] section; add one to mirror the org")
+            raise ConfigError(
+                "the config has no [salesforce] section; add one to mirror the org"
+            )
         self.settings = settings
         self.cfg = settings.salesforce
         self.applier: SfApplier | None = None
@@ -75,28 +92,43 @@ class SalesforcePipeline:
         return self.applier.stats if self.applier else None
 
     async def run(self, stop: asyncio.Event) -> None:
-        await retry_until_stopped("salesforce pipeline", lambda: self.run_once(stop), stop)
+        await retry_until_stopped(
+            "salesforce pipeline", lambda: self.run_once(stop), stop
+        )
 
     async def run_once(self, stop: asyncio.Event) -> None:
         try:
-            replica = await asyncpg.connect(self.settings.replica.resolve(),
-                                            server_settings=SESSION_SETTINGS)
+            replica = await asyncpg.connect(
+                self.settings.replica.resolve(), server_settings=SESSION_SETTINGS
+            )
         except (OSError, asyncpg.PostgresError) as exc:
             raise StoreConnectionError(f"cannot connect to the replica: {exc}") from exc
         auth = build_authenticator(self.cfg)
         try:
             async with aiohttp.ClientSession() as http:
                 await auth.login()
-                rest = RestClient(auth, http, api_version=self.cfg.api_version,
-                                  client_name=self.cfg.client_name)
+                rest = RestClient(
+                    auth,
+                    http,
+                    api_version=self.cfg.api_version,
+                    client_name=self.cfg.client_name,
+                )
                 await create_schema(replica)
                 store = MirrorStore(replica, self.cfg.stream_prefix, schema="sf")
-                self.applier = SfApplier(store, rest, stream_prefix=self.cfg.stream_prefix,
-                                         skew=dt.timedelta(seconds=self.cfg.skew_seconds),
-                                         sync=await sync_engine(self.settings, replica))
+                self.applier = SfApplier(
+                    store,
+                    rest,
+                    stream_prefix=self.cfg.stream_prefix,
+                    skew=dt.timedelta(seconds=self.cfg.skew_seconds),
+                    sync=await sync_engine(self.settings, replica),
+                )
                 await self._prepare(replica)
                 await self._stream(auth, stop)
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        except (
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+        ) as exc:
             raise StoreConnectionError(f"replica connection lost: {exc}") from exc
         except asyncpg.PostgresError as exc:
             raise StoreError(f"replica rejected a change: {exc}") from exc
@@ -110,8 +142,12 @@ class SalesforcePipeline:
         for name in self.cfg.objects:
             state = await self.applier.prepare(name)
             describe = await self.applier.rest.describe(name)
-            compounds[state.shape.object_name] = CompoundMap.from_describe(describe["fields"])
-            cp = await checkpoints.load(replica, self.applier.stream_name(state.channel))
+            compounds[state.shape.object_name] = CompoundMap.from_describe(
+                describe["fields"]
+            )
+            cp = await checkpoints.load(
+                replica, self.applier.stream_name(state.channel)
+            )
             if cp is None:
                 self._positions[state.channel] = -1
             else:
@@ -119,7 +155,8 @@ class SalesforcePipeline:
                 commit_ms = cp.details.get("commit_ms")
                 if commit_ms:
                     self._last_commit[state.channel] = dt.datetime.fromtimestamp(
-                        commit_ms / 1000, tz=dt.UTC)
+                        commit_ms / 1000, tz=dt.UTC
+                    )
         self._compounds = compounds
 
     def _replay_for(self, channel: str) -> int | None:
@@ -127,20 +164,25 @@ class SalesforcePipeline:
         return None if position == -1 else position
 
     async def _stream(self, auth: Any, stop: asyncio.Event) -> None:
-        from replicator.sources.salesforce.streaming import SalesforceStream
         from replicator.errors import ReplayOutOfWindowError
+        from replicator.sources.salesforce.streaming import SalesforceStream
 
         assert self.applier is not None
         applier = self.applier
-        self._to_load = [o for o, s in applier.objects.items()
-                         if self._positions[s.channel] == -1]
+        self._to_load = [
+            o for o, s in applier.objects.items() if self._positions[s.channel] == -1
+        ]
         self._to_catch_up: dict[str, dt.datetime | None] = {}
         while not stop.is_set():
             channels = [s.channel for s in applier.objects.values()]
             stream = SalesforceStream(
-                auth, channels, self._replay_for, api_version=self.cfg.api_version,
+                auth,
+                channels,
+                self._replay_for,
+                api_version=self.cfg.api_version,
                 long_poll_timeout=self.cfg.long_poll_timeout_seconds,
-                client_name=self.cfg.client_name)
+                client_name=self.cfg.client_name,
+            )
             try:
                 async with stream:
                     await self._consume(stream, stop)
@@ -158,11 +200,17 @@ class SalesforcePipeline:
         assert self.applier is not None
         obj = next(o for o, s in self.applier.objects.items() if s.channel == channel)
         since = self._last_commit.get(channel)
-        logger.error("events lost: replay id outside the retention window, "
-                     "reconciling over REST and resubscribing with -2", extra={
-                         "object": obj, "channel": channel, "gap": True,
-                         "replay_id": self._positions.get(channel),
-                         "since": since.isoformat() if since else None})
+        logger.error(
+            "events lost: replay id outside the retention window, "
+            "reconciling over REST and resubscribing with -2",
+            extra={
+                "object": obj,
+                "channel": channel,
+                "gap": True,
+                "replay_id": self._positions.get(channel),
+                "since": since.isoformat() if since else None,
+            },
+        )
         # The catch-up runs once the new stream is subscribed, so nothing
         # committed in between is missed.
         self._positions[channel] = -2
@@ -182,8 +230,9 @@ class SalesforcePipeline:
         except BaseExceptionGroup as group:
             raise first_error(group) from None
 
-    async def _consume_tasks(self, read: Any, queue: asyncio.Queue[Any],
-                             stop: asyncio.Event) -> None:
+    async def _consume_tasks(
+        self, read: Any, queue: asyncio.Queue[Any], stop: asyncio.Event
+    ) -> None:
         assert self.applier is not None
         applier = self.applier
         async with asyncio.TaskGroup() as tg:
@@ -194,7 +243,9 @@ class SalesforcePipeline:
                 self._positions[applier.objects[obj].channel] = -2
                 self._to_load.pop(0)
             for obj, since in list(self._to_catch_up.items()):
-                await applier.catch_up(obj, since, reason="replay id outside retention window")
+                await applier.catch_up(
+                    obj, since, reason="replay id outside retention window"
+                )
                 self._positions[applier.objects[obj].channel] = -2
                 del self._to_catch_up[obj]
             self.loaded.set()
@@ -202,8 +253,9 @@ class SalesforcePipeline:
             stopper = tg.create_task(stop.wait(), name="source:salesforce:stop")
             while not stop.is_set():
                 getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, stopper, reader},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, stopper, reader}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter not in done:
                     getter.cancel()
                     if reader in done and reader.exception() is not None:
@@ -232,8 +284,9 @@ class SalesforcePipeline:
                 changes += parse_message(event.raw, self._compounds)
             except MalformedEvent as exc:
                 async with self.applier.store.conn.transaction():
-                    await self.applier.dead_letter(None, str(exc), raw=event.raw,
-                                                   channel=event.channel, entity="?")
+                    await self.applier.dead_letter(
+                        None, str(exc), raw=event.raw, channel=event.channel, entity="?"
+                    )
         if changes:
             await self.applier.apply(changes)
             for change in changes:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import asyncpg
 
@@ -76,7 +76,7 @@ def _outside_stream(msg: Message) -> Message:
     """Return a spooled message as if it had been sent outside a stream."""
     if isinstance(msg, Relation):
         return dataclasses.replace(msg, xid=None)
-    return msg._replace(xid=None)  # type: ignore[union-attr]
+    return cast(Any, msg)._replace(xid=None)  # type: ignore[no-any-return]
 
 
 @dataclass(slots=True)
@@ -226,8 +226,8 @@ class ErpApplier:
             if (
                 (kind is Insert or kind is Update or kind is Delete)
                 and not self._skip
-                and msg.xid is None
-            ):  # type: ignore[union-attr]
+                and cast(Any, msg).xid is None
+            ):
                 route, values = put_row(msg)  # type: ignore[arg-type]
                 if (
                     route.enums and values is not None
@@ -267,7 +267,7 @@ class ErpApplier:
         elif kind is StreamAbort:
             self._stream_abort(msg)  # type: ignore[arg-type]
         elif kind is StreamStart:
-            self._stream_xid = msg.xid  # type: ignore[union-attr]
+            self._stream_xid = cast(StreamStart, msg).xid
         elif kind in (StreamStop, TypeMessage):
             pass
         else:
@@ -332,7 +332,7 @@ class ErpApplier:
         if type(msg) is Delete:
             changes.delete(key_of(msg.old))
         else:
-            new = msg.new
+            new = cast(Insert | Update, msg).new
             if type(msg) is Update and msg.old is not None:
                 old_key = key_of(msg.old)
                 if old_key != key_of(new):

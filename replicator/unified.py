@@ -422,9 +422,9 @@ class SyncEngine:
         if not writes_needed:
             return
         writes: dict[str, dict[str, Any]] = {}
-        for target in entity.settings.targets:
-            if target != source and accepted:
-                writes[target] = dict(accepted)
+        for system in entity.settings.targets:
+            if system != source and accepted:
+                writes[system] = dict(accepted)
         if enforce:
             writes.setdefault(source, {}).update(enforce)
         for target, unified in writes.items():

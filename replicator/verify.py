@@ -102,6 +102,7 @@ def _note(bucket: list[str], row: str, sample: int) -> None:
 
 async def verify_erp(settings: Settings) -> list[TableReport]:
     """Compare each table of the ERP stream with its mirror."""
+    assert settings.erp is not None
     erp = await asyncpg.connect(
         settings.erp.database.resolve(), server_settings=SESSION_SETTINGS
     )

@@ -438,6 +438,7 @@ class CometdServer:
         if error is not None:
             reply["error"] = error
             return reply
+        assert isinstance(subscription, str)
         session.subscriptions[subscription] = cursor
         if session.held is not None and cursor < self.log.last_id:
             # A replay backlog is waiting: answer the held connect now, as a

@@ -11,7 +11,7 @@ the system, so values such as ``CaseNumber`` are kept as given.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,7 +115,7 @@ def load_tree(
 def load_records(
     tx: Transaction,
     state: OrgState,
-    records: list[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]],
     refs: dict[str, str],
     *,
     source: str,

@@ -9,6 +9,8 @@ Developer Edition org, not the whole.
 
 from __future__ import annotations
 
+from typing import Any
+
 from replicator.emulator.schema import FieldSchema, ObjectSchema, OrgSchema
 
 __all__ = ["STANDARD_PREFIXES", "standard_schema", "system_fields"]
@@ -27,7 +29,7 @@ STANDARD_PREFIXES = {
     "OrderItem": "802",
 }
 
-_READ_ONLY = {"createable": False, "updateable": False}
+_READ_ONLY: dict[str, Any] = {"createable": False, "updateable": False}
 
 _INDUSTRIES = (
     "Agriculture", "Apparel", "Banking", "Biotechnology", "Chemicals",
@@ -113,7 +115,7 @@ def _head() -> list[FieldSchema]:
     return [
         FieldSchema(
             "Id", "id", label="Record ID", length=18, nillable=False, **_READ_ONLY
-        ),  # type: ignore[arg-type]
+        ),
         _typed("IsDeleted", "boolean", "Deleted", nillable=False, **_READ_ONLY),
     ]
 
@@ -161,7 +163,7 @@ def _system(owner: bool = True) -> list[FieldSchema]:
 def _address(prefix: str, label: str) -> list[FieldSchema]:
     """Return the components of ``<prefix>Address`` and the compound itself."""
     compound = f"{prefix}Address"
-    part = {"compound_field_name": compound}
+    part: dict[str, Any] = {"compound_field_name": compound}
 
     def lab(suffix: str) -> str:
         return f"{label} {suffix}".strip()
@@ -169,7 +171,7 @@ def _address(prefix: str, label: str) -> list[FieldSchema]:
     return [
         FieldSchema(
             f"{prefix}Street", "textarea", label=lab("Street"), length=255, **part
-        ),  # type: ignore[arg-type]
+        ),
         _text(f"{prefix}City", lab("City"), 40, **part),
         _text(f"{prefix}State", lab("State/Province"), 80, **part),
         _text(f"{prefix}PostalCode", lab("Zip/Postal Code"), 20, **part),
@@ -202,7 +204,7 @@ def _address(prefix: str, label: str) -> list[FieldSchema]:
 
 
 def _person_name(last_required: bool = True) -> list[FieldSchema]:
-    part = {"compound_field_name": "Name"}
+    part: dict[str, Any] = {"compound_field_name": "Name"}
     return [
         _text("LastName", "Last Name", 80, nillable=not last_required, **part),
         _text("FirstName", "First Name", 40, **part),

@@ -113,7 +113,7 @@ def _copy_field(value: Value) -> str:
         return "\\N"
     if isinstance(value, bytes):
         return "\\\\x" + value.hex()
-    return value.translate(_COPY_ESCAPES)  # type: ignore[union-attr]
+    return value.translate(_COPY_ESCAPES)
 
 
 def render_copy(changes: TableChanges) -> tuple[bytes, dict[tuple[int, ...], int]]:

@@ -167,7 +167,7 @@ replica_identity = Table(
 
 def ddl_statements() -> list[str]:
     """Return the DDL that creates the ``replicator`` schema, idempotently."""
-    dialect = postgresql.dialect()
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
     out = [f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"]
     out += [f"CREATE SCHEMA IF NOT EXISTS {name}" for name in MIRROR_SCHEMAS]
     for table in metadata.sorted_tables:

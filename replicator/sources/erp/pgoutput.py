@@ -18,7 +18,7 @@ import datetime as dt
 import struct
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 from replicator.errors import ErpError
 
@@ -242,7 +242,7 @@ class Decoder:
         if handler is None:
             raise DecodeError(f"unknown pgoutput message type {buf[0:1]!r}")
         try:
-            return handler(self, buf)
+            return cast(Message, handler(self, buf))
         except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
             raise DecodeError(
                 f"malformed pgoutput {buf[0:1]!r} message: {exc}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import asyncpg
 
@@ -360,7 +361,7 @@ class ErpPipeline:
         cfg = self.erp_settings
         assert self.applier is not None
         applier = self.applier
-        queue: asyncio.Queue[list | int] = asyncio.Queue(
+        queue: asyncio.Queue[list[Any] | int] = asyncio.Queue(
             maxsize=self.settings.apply.queue_chunks
         )
 

@@ -309,9 +309,9 @@ class SfApplier:
                 "event names fields the mirror lacks, describing the object again",
                 extra={"object": state.shape.object_name},
             )
-            before = set(state.table.columns)
+            had_columns = set(state.table.columns)
             state = await self.prepare(state.shape.object_name)
-            if set(state.table.columns) - before:
+            if set(state.table.columns) - had_columns:
                 # Records no event touches hold values (defaults) for the new
                 # fields too: read the object once more.
                 await self.catch_up(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import logging
 import sys
 from collections.abc import Sequence
@@ -79,6 +80,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_operator_change(args: argparse.Namespace) -> bool:
+    action = getattr(args, "action", None)
+    return (
+        args.command in ("resync", "bi-role")
+        or (args.command == "checkpoints" and action == "restore")
+        or (args.command == "dlq" and action in ("retry", "drop"))
+    )
+
+
+def _audit(args: argparse.Namespace, argv: list[str], code: int) -> None:
+    """Record an operator command that changed something in the audit trail."""
+    import asyncio
+
+    import asyncpg
+
+    from replicator import config as config_module
+    from replicator.store import audit
+
+    async def write() -> None:
+        settings = config_module.load(args.config)
+        conn = await asyncpg.connect(settings.replica.resolve())
+        try:
+            await audit.record(
+                conn,
+                "operator",
+                args.command,
+                {
+                    "argv": argv,
+                    "action": getattr(args, "action", None),
+                    "exit_code": code,
+                    "user": os.environ.get("USER"),
+                },
+            )
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(write())
+    except (OSError, ReplicatorError, asyncpg.PostgresError) as exc:
+        logger.warning(
+            "operator command not recorded in the audit trail",
+            extra={"command": args.command, "error": str(exc)},
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code."""
     parser = build_parser()
@@ -89,7 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(verbose=args.verbose, fmt=args.log_format)
     try:
         module = importlib.import_module(args._module)
-        return int(module.run(args))
+        code = int(module.run(args))
+        if _is_operator_change(args):
+            _audit(args, list(argv if argv is not None else sys.argv[1:]), code)
+        return code
     except ConfigError as exc:
         print(f"replicator: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

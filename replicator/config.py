@@ -141,6 +141,8 @@ class OpsSettings(_Frozen):
     webhook_url_env: str | None = None  # variable holding the URL (it may hold a token)
     webhook_timeout_seconds: float = Field(5.0, gt=0)
     dead_letter_threshold: int = Field(1, ge=1)  # a notice when parked letters reach it
+    # audit rows, checkpoint history and done outbox rows older than this are pruned
+    audit_retention_days: float = Field(90.0, gt=0)
 
 
 class Settings(_Frozen):

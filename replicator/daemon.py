@@ -226,7 +226,9 @@ class Daemon:
     def _helpers(
         self, tg: asyncio.TaskGroup, pipelines: dict[str, Any], stop: asyncio.Event
     ) -> list[asyncio.Task[Any]]:
-        helpers = []
+        helpers = [
+            tg.create_task(_prune_forever(self.settings, stop), name="ops:prune")
+        ]
         if self.settings.entities:
             # write-backs are idempotent: cancelling mid-write repeats it later
             from replicator.sinks.runner import run_outbox
@@ -296,6 +298,33 @@ async def _wait_or_stop(stop: asyncio.Event, delay: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(delay):
             await stop.wait()
+
+
+async def _prune_forever(settings: Settings, stop: asyncio.Event) -> None:
+    """Prune the audit trail hourly (the first time a minute after start)."""
+    import datetime as dt
+
+    import asyncpg
+
+    from replicator.store import audit
+
+    retention = dt.timedelta(days=settings.ops.audit_retention_days)
+    delay = 60.0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        if stop.is_set():
+            return
+        delay = 3600.0
+        try:
+            conn = await asyncpg.connect(settings.replica.resolve())
+            try:
+                await audit.prune(conn, retention)
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError) as exc:
+            logger.warning("audit trail not pruned", extra={"error": str(exc)})
 
 
 async def _stop_when_quiet(

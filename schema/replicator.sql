@@ -4,6 +4,15 @@ CREATE SCHEMA IF NOT EXISTS replicator;
 CREATE SCHEMA IF NOT EXISTS erp;
 CREATE SCHEMA IF NOT EXISTS sf;
 CREATE SCHEMA IF NOT EXISTS unified;
+CREATE TABLE IF NOT EXISTS replicator.audit (
+	id BIGSERIAL NOT NULL, 
+	at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	kind TEXT NOT NULL, 
+	subject TEXT, 
+	detail JSONB NOT NULL, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX IF NOT EXISTS ix_audit_at ON replicator.audit (at);
 CREATE TABLE IF NOT EXISTS replicator.checkpoint_history (
 	id BIGSERIAL NOT NULL, 
 	stream TEXT NOT NULL, 
@@ -83,8 +92,8 @@ CREATE TABLE IF NOT EXISTS replicator.outbox (
 	done_at TIMESTAMP WITH TIME ZONE, 
 	PRIMARY KEY (id)
 );
-CREATE INDEX IF NOT EXISTS ix_outbox_key ON replicator.outbox (entity, target, target_key);
 CREATE INDEX IF NOT EXISTS ix_outbox_pending ON replicator.outbox (status, target, id);
+CREATE INDEX IF NOT EXISTS ix_outbox_key ON replicator.outbox (entity, target, target_key);
 CREATE TABLE IF NOT EXISTS replicator.replica_identity (
 	id INTEGER DEFAULT 1 NOT NULL, 
 	checkpoints_oid BIGINT NOT NULL, 

@@ -245,6 +245,12 @@ async def test_dlq_retry_rereads_records_and_drop_keeps_an_audit_row(
         [keyed, keyless],
     )
     assert statuses == ["retried", "dropped"]
+    audited = await fetchval(
+        erp_case.replica_dsn,
+        "SELECT array_agg(detail->>'action' ORDER BY id) FROM replicator.audit "
+        "WHERE kind = 'operator' AND subject = 'dlq'",
+    )
+    assert audited == ["retry", "drop"]  # list changes nothing: not audited
 
 
 async def test_check_passes_on_a_good_setup_and_names_each_fix(

@@ -197,3 +197,40 @@ async def test_changes_flow_both_ways_with_transforms_and_no_echo_loop(
 async def _named(org: Org, name: str) -> dict[str, Any] | None:
     record = await account_by_code(org, "C-1001")
     return record if record and record["Name"] == name else None
+
+
+async def test_write_backs_and_operator_commands_land_in_the_audit_trail(
+    erp_case: ErpCase, serve_emulator: Any, f0_config: EmulatorConfig, tmp_path: Any
+) -> None:
+    """Each write-back is audited with its cause and answer; pruning keeps recent rows."""
+    erp = await asyncpg.connect(erp_case.erp_dsn)
+    await erp.execute(CUSTOMER_DDL)
+    async with serve_emulator(f0_config) as served, org_client(served) as org:
+        settings = sync_settings(erp_case, served)
+        async with syncing(settings):
+            await erp.execute(
+                "INSERT INTO customer VALUES ('C-7', 'Birch Supply', "
+                "'555-0200', 'Keene', 'New Hampshire')"
+            )
+            created = await until(lambda: account_by_code(org, "C-7"))
+            replica = await asyncpg.connect(erp_case.replica_dsn)
+            audited = await until(
+                lambda: replica.fetchrow(
+                    "SELECT subject, detail->>'target' AS target, detail->'answer' AS answer, "
+                    "detail->'cause'->>'source' AS source FROM replicator.audit "
+                    "WHERE kind = 'write_back'"
+                )
+            )
+    await erp.close()
+    from replicator.store import audit
+
+    await replica.execute("UPDATE replicator.audit SET at = now() - interval '10 days'")
+    deleted = await audit.prune(replica, __import__("datetime").timedelta(days=5))
+    left = await replica.fetchval("SELECT count(*) FROM replicator.audit")
+    await replica.close()
+
+    assert audited["target"] == "salesforce"
+    assert audited["source"] == "erp"
+    assert created["Id"] in audited["answer"]
+    assert deleted["replicator.audit"] >= 1
+    assert left == 0

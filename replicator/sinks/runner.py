@@ -21,6 +21,8 @@ from replicator.config import Settings
 from replicator.sinks.erp import ErpSink, ErpWrite
 from replicator.sinks.salesforce import SalesforceSink, SfWrite, WriteResult
 from replicator.sinks.worker import OutboxRow, OutboxWorker
+from replicator.store import audit
+from replicator.store import audit
 from replicator.store.mirror import quote_ident
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,21 @@ class OutboxResolver:
     async def on_done(
         self, conn: asyncpg.Connection, row: OutboxRow, result: WriteResult
     ) -> None:
+        await audit.record(
+            conn,
+            "write_back",
+            f"{row.entity}:{row.target_key}",
+            {
+                "outbox_id": row.id,
+                "target": row.target,
+                "key": row.target_key,
+                "operation": row.operation,
+                "fields": row.fields,
+                "cause": row.cause,
+                "answer": result.answer,
+                "created": result.created,
+            },
+        )
         if row.target_key or not result.record_id or row.operation != "upsert":
             return
         unified_id = (row.cause or {}).get("unified_id")

@@ -145,6 +145,20 @@ outbox = Table(
     Index("ix_outbox_key", "entity", "target", "target_key"),
 )
 
+# What was done to the systems and by whom: write-backs with the target's
+# answer, operator commands. Checkpoint moves and resyncs are in
+# checkpoint_history; all are pruned after [ops] audit_retention_days.
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("kind", Text, nullable=False),  # write_back, operator
+    Column("subject", Text),  # entity/key, or the command
+    Column("detail", JSONB, nullable=False),
+    Index("ix_audit_at", "at"),
+)
+
 # Which database the checkpoints were written in. A replica restored from a
 # dump (new table oids) or from a physical backup (a new timeline) no longer
 # matches the row restored with it: the ERP pipeline then knows that a slot

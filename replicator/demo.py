@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -28,12 +29,41 @@ from replicator.daemon import install_signal_handlers, run_loop
 from replicator.emulator.app import EmulatorConfig, create_app
 from replicator.pgserver import TempPostgres, free_port
 from replicator.sources.erp.source import ErpPipeline
+from replicator.sinks.runner import run_outbox
 from replicator.sources.salesforce.source import SalesforcePipeline
 from replicator.traffic import NorthwindTraffic, OrgTraffic
 from replicator.verify import print_reports, verify_erp, verify_sf
 
 logger = logging.getLogger(__name__)
 
+DEMO_ORG = Path(__file__).parent / "data" / "demo_org"
+# Northwind customers and Salesforce accounts, linked by ERP_Customer_Id__c.
+CUSTOMER_MAPPING = {
+    "name": "customer",
+    "salesforce": "Account",
+    "erp": "public.customers",
+    "external_id": "ERP_Customer_Id__c",
+    "direction": "both",
+    "delete_policy": "mark",
+    "fields": [
+        {"name": "company_name", "salesforce": "Name", "erp": "company_name"},
+        {"name": "phone", "salesforce": "Phone", "erp": "phone"},
+        {"name": "address", "salesforce": "BillingStreet", "erp": "address"},
+        {"name": "city", "salesforce": "BillingCity", "erp": "city"},
+        {"name": "region", "salesforce": "BillingState", "erp": "region"},
+        {
+            "name": "postal_code",
+            "salesforce": "BillingPostalCode",
+            "erp": "postal_code",
+        },
+        {
+            "name": "country",
+            "salesforce": "BillingCountry",
+            "erp": "country",
+            "transform": "country_iso",
+        },
+    ],
+}
 DEMO_OBJECTS = (
     "Account",
     "Contact",
@@ -86,6 +116,7 @@ async def _progress(
     org: OrgTraffic,
 ) -> None:
     conn = await asyncpg.connect(erp_dsn)
+    replica = await asyncpg.connect(pipeline.settings.replica.resolve())
     started = time.monotonic()
     last_changes = 0
     try:
@@ -102,16 +133,25 @@ async def _progress(
             rate = stats.changes - last_changes
             last_changes = stats.changes
             sf_stats = sf.stats
+            sync = await replica.fetchrow(
+                "SELECT (SELECT count(*) FROM replicator.outbox WHERE status = 'done') "
+                "AS written, (SELECT count(*) FROM replicator.outbox WHERE status = "
+                "'pending') AS pending, (SELECT count(*) FROM replicator.conflicts WHERE "
+                "kept_source <> discarded_source) AS conflicts, (SELECT count(*) FROM replicator.dead_letters) AS parked"
+            )
             print(
                 f"  {time.monotonic() - started:5.1f}s  ERP: {traffic.stats.transactions:5d} tx"
                 f" made, {stats.transactions:5d} applied ({stats.changes:6d} changes, "
                 f"{rate:4d}/s, slot lag {int(lag or 0):6d} B)   Salesforce: "
                 f"{org.stats.transactions:4d} writes, "
-                f"{sf_stats.events if sf_stats else 0:5d} events applied",
+                f"{sf_stats.events if sf_stats else 0:5d} events applied   sync: "
+                f"{sync['written']} written back, {sync['pending']} pending, "
+                f"{sync['conflicts']} conflicts, {sync['parked']} dead letters",
                 flush=True,
             )
     finally:
         await conn.close()
+        await replica.close()
 
 
 async def demo(args: argparse.Namespace) -> int:
@@ -183,6 +223,9 @@ async def _run_both(
         sf_task = tg.create_task(sf.run(sources_stop), name="demo:salesforce")
         await pipeline.ready.wait()
         await sf.ready.wait()
+        outbox_task = tg.create_task(
+            run_outbox(settings, sources_stop), name="demo:outbox"
+        )
         token = await _login(http, org_url, emulator_config)
         org = OrgTraffic(org_url, token, http)
         print(
@@ -208,11 +251,14 @@ async def _run_both(
         target = await erp.fetchval("SELECT pg_current_wal_lsn()::text")
         await _wait_caught_up(erp, settings.erp.slot, target, stop)
         await _wait_quiet(sf, stop)
+        await _wait_outbox(settings, stop)
+        await _wait_quiet(sf, stop)
         watch_stop.set()
         await watcher
         sources_stop.set()
         await erp_task
         await sf_task
+        await outbox_task
     print(
         f"ERP traffic: {traffic.stats.by_kind}\nSalesforce traffic: {org.stats.by_kind}"
     )
@@ -220,7 +266,11 @@ async def _run_both(
 
 @contextlib.asynccontextmanager
 async def _serve_emulator() -> AsyncIterator[tuple[str, EmulatorConfig]]:
-    config = EmulatorConfig.ebikes()
+    base = EmulatorConfig.ebikes()
+    # the E-Bikes org plus the external id field that links accounts to the ERP
+    config = EmulatorConfig.ebikes(
+        metadata_dirs=(*base.metadata_dirs, DEMO_ORG / "objects")
+    )
     runner = web.AppRunner(create_app(config))
     await runner.setup()
     port = free_port()
@@ -247,6 +297,7 @@ def _with_salesforce(
         "objects": list(DEMO_OBJECTS),
         "long_poll_timeout_seconds": 10,
     }
+    data["entities"] = [CUSTOMER_MAPPING]
     return parse(data)
 
 
@@ -264,6 +315,22 @@ async def _login(
         },
     ) as resp:
         return str((await resp.json())["access_token"])
+
+
+async def _wait_outbox(settings: Settings, stop: asyncio.Event) -> None:
+    """Wait until every write-back is done (or failed), at most a minute."""
+    conn = await asyncpg.connect(settings.replica.resolve())
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stop.is_set():
+            pending = await conn.fetchval(
+                "SELECT count(*) FROM replicator.outbox WHERE status = 'pending'"
+            )
+            if not pending:
+                return
+            await asyncio.sleep(0.3)
+    finally:
+        await conn.close()
 
 
 async def _wait_quiet(

@@ -22,6 +22,7 @@ _CITIES = [
     ("München", None, "80805", "Germany"),
     ("São Paulo", "SP", "05432-043", "Brazil"),
 ]
+_ISO = {"USA": "US", "Germany": "DE", "France": "FR", "Brazil": "BR"}
 _STREETS = [
     "Obere Str. 57",
     "12 Harbor Rd",
@@ -277,18 +278,34 @@ class OrgTraffic:
 
     async def _account(self) -> None:
         city, region, postal, country = self.rng.choice(_CITIES)
+        if self.stats.transactions % 10 == 0:
+            await self._refresh_linked()
+        accounts = self._ids.get("linked")
+        if not accounts:  # nothing linked to the ERP yet: edit a case instead
+            await self._case()
+            return
         await self._call(
             "PATCH",
-            f"/sobjects/Account/{self.rng.choice(self._ids['Account'])}",
+            f"/sobjects/Account/{self.rng.choice(accounts)}",
             {
                 "BillingStreet": self.rng.choice(_STREETS),
                 "BillingCity": city,
                 "BillingState": region,
                 "BillingPostalCode": postal,
-                "BillingCountry": country,
+                "BillingCountry": _ISO.get(country, country),
                 "Phone": f"555-{self.rng.randint(1000, 9999)}",
             },
         )
+
+    async def _refresh_linked(self) -> None:
+        """Accounts linked to the ERP (with an ERP id): the ones the sync touches."""
+        async with self.http.get(
+            self.url + "/query",
+            params={"q": "SELECT Id FROM Account WHERE ERP_Customer_Id__c != null"},
+            headers=self.headers,
+        ) as resp:
+            if resp.status == 200:
+                self._ids["linked"] = [r["Id"] for r in (await resp.json())["records"]]
 
     async def _opportunity(self) -> None:
         opp = self.rng.choice(self._ids["Opportunity"])

@@ -215,6 +215,10 @@ class SyncEngine:
         if not changed and not deleted:
             return
         row = await self._unified_row(conn, entity, source, key, after)
+        if row.get("_new") and not deleted and after is not None:
+            # first sight of this record: every mapped field it holds is news,
+            # so a record created on the other side gets all of them
+            changed = self._changed(entity, source, key, None, after)
         echoes: list[PendingWrite] = []
         if changed:
             pending = await self._pending(conn, entity, source, row)
@@ -325,6 +329,7 @@ class SyncEngine:
             "sf_id": key if source == "salesforce" else None,
             "erp_key": key if source == "erp" else None,
             "versions": "{}",
+            "_new": True,
         }
 
     async def _pending(

@@ -175,6 +175,10 @@ async def test_changes_flow_both_ways_with_transforms_and_no_echo_loop(
             unified = await replica.fetchrow(
                 "SELECT sf_id, erp_key, name, phone, city, state FROM unified.customer"
             )
+            conflicts = await replica.fetch(
+                "SELECT field, kept_value, kept_source, discarded_value, discarded_source "
+                "FROM replicator.conflicts WHERE kept_source <> discarded_source"
+            )
             await replica.close()
 
     await erp.close()
@@ -192,6 +196,14 @@ async def test_changes_flow_both_ways_with_transforms_and_no_echo_loop(
     # one write per user edit and target: create in SF, the SF edit to the ERP,
     # the rename to SF; the echoes of those writes caused none
     assert [w["target"] for w in writes] == ["salesforce", "erp", "salesforce"]
+    # the log holds exactly the values the later edits replaced; no echo of
+    # our own writes ever competed with them
+    # (the rename replaced an ERP value by an ERP value: not across sources)
+    assert sorted((c["field"], c["discarded_value"]) for c in conflicts) == [
+        ("city", "Portsmouth"),
+        ("phone", "555-0100"),
+        ("state", "New Hampshire"),
+    ]
 
 
 async def _named(org: Org, name: str) -> dict[str, Any] | None:

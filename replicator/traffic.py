@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,21 @@ _STREETS = [
     "Avda. de la Constitución 2222",
     "120 Hanover Sq.",
 ]
+
+
+async def paced(
+    step: Callable[[], Awaitable[object]], *, rate: float, duration: float,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Call ``step`` ``rate`` times a second for ``duration`` seconds (or until stop)."""
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < duration and not (stop and stop.is_set()):
+        await step()
+        n += 1
+        ahead = n / rate - (time.monotonic() - started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
 
 
 @dataclass
@@ -86,14 +102,7 @@ class NorthwindTraffic:
     ) -> None:
         """Run ``rate`` transactions a second for ``duration`` seconds."""
         await self.prepare()
-        started = time.monotonic()
-        n = 0
-        while time.monotonic() - started < duration and not (stop and stop.is_set()):
-            await self.step()
-            n += 1
-            ahead = n / rate - (time.monotonic() - started)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+        await paced(self.step, rate=rate, duration=duration, stop=stop)
 
     async def _order(self) -> None:
         order_id = self._next_order
@@ -266,15 +275,9 @@ class OrgTraffic:
     async def run(
         self, *, rate: float, duration: float, stop: asyncio.Event | None = None
     ) -> None:
+        """Run ``rate`` transactions a second for ``duration`` seconds."""
         await self.prepare()
-        started = time.monotonic()
-        n = 0
-        while time.monotonic() - started < duration and not (stop and stop.is_set()):
-            await self.step()
-            n += 1
-            ahead = n / rate - (time.monotonic() - started)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+        await paced(self.step, rate=rate, duration=duration, stop=stop)
 
     async def _account(self) -> None:
         city, region, postal, country = self.rng.choice(_CITIES)

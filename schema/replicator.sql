@@ -92,8 +92,8 @@ CREATE TABLE IF NOT EXISTS replicator.outbox (
 	done_at TIMESTAMP WITH TIME ZONE, 
 	PRIMARY KEY (id)
 );
-CREATE INDEX IF NOT EXISTS ix_outbox_pending ON replicator.outbox (status, target, id);
 CREATE INDEX IF NOT EXISTS ix_outbox_key ON replicator.outbox (entity, target, target_key);
+CREATE INDEX IF NOT EXISTS ix_outbox_pending ON replicator.outbox (status, target, id);
 CREATE TABLE IF NOT EXISTS replicator.replica_identity (
 	id INTEGER DEFAULT 1 NOT NULL, 
 	checkpoints_oid BIGINT NOT NULL, 

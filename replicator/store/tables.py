@@ -186,7 +186,7 @@ def ddl_statements() -> list[str]:
     out += [f"CREATE SCHEMA IF NOT EXISTS {name}" for name in MIRROR_SCHEMAS]
     for table in metadata.sorted_tables:
         out.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
-        for index in table.indexes:
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
             out.append(
                 str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect))
             )

@@ -335,3 +335,26 @@ async def test_large_streamed_transactions_commit_abort_and_subabort(
 
     assert await assert_mirrored(erp_case, "big") == 8000
     assert stats.transactions == 2
+
+
+async def test_table_without_key_stops_start_up_before_any_publication_exists(
+    erp_case: ErpCase, connect
+) -> None:
+    """A publication of a keyless table would break the ERP's own UPDATEs on it."""
+    import asyncio
+
+    from replicator.errors import ErpSetupError
+    from replicator.sources.erp.source import ErpPipeline
+
+    erp = await connect(erp_case.erp_dsn)
+    await erp.execute("CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x')")
+
+    with pytest.raises(ErpSetupError, match=r"nokey.*leave them out with \[erp\] tables"):
+        await ErpPipeline(erp_case.settings()).run_once(asyncio.Event())
+    publications = await erp.fetchval(
+        "SELECT count(*) FROM pg_publication WHERE pubname = $1", erp_case.publication
+    )
+    updated = await erp.execute("UPDATE nokey SET b = 'y'")
+
+    assert publications == 0
+    assert updated == "UPDATE 1"

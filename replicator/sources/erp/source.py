@@ -86,6 +86,15 @@ async def _connect(dsn: str, what: str) -> asyncpg.Connection:
         raise cls(f"cannot connect to the {what}: {exc}") from exc
 
 
+def _no_key_message(tables: list[str]) -> str:
+    return (
+        f"table(s) {', '.join(tables)} to replicate have no primary key or replica "
+        "identity index, so their rows cannot be matched by key; add a primary key, "
+        "ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>, or leave them "
+        "out with [erp] tables = [...]"
+    )
+
+
 class ErpPipeline:
     """Replicate the ERP into the replica's ``erp`` schema."""
 
@@ -179,6 +188,11 @@ class ErpPipeline:
         target = "ALL TABLES"
         if self.erp_settings.tables:
             target = "TABLE " + ", ".join(self.erp_settings.tables)
+        # Check before creating: a publication of a table without a replica
+        # identity makes the ERP's own UPDATEs and DELETEs on it fail.
+        bad = await tables_without_identity(erp, await self._candidate_tables(erp))
+        if bad:
+            raise ErpSetupError(_no_key_message(bad))
         try:
             await erp.execute(
                 f"CREATE PUBLICATION {pub} FOR {target} "
@@ -190,6 +204,20 @@ class ErpPipeline:
                 f"(CREATE PUBLICATION {pub} FOR ALL TABLES) or grant the rights"
             ) from exc
         logger.info("publication created", extra={"publication": pub, "tables": target})
+
+    async def _candidate_tables(self, erp: asyncpg.Connection) -> list[int]:
+        """The tables a publication created now would hold."""
+        if self.erp_settings.tables:
+            rows = await erp.fetch(
+                "SELECT t::regclass::oid::int FROM unnest($1::text[]) AS t",
+                list(self.erp_settings.tables))
+        else:
+            rows = await erp.fetch(
+                "SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON "
+                "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT "
+                "c.relispartition AND n.nspname NOT IN ('pg_catalog', "
+                "'information_schema') AND n.nspname NOT LIKE 'pg_%'")
+        return [r[0] for r in rows]
 
     async def _wait_slot_free(
         self, erp: asyncpg.Connection, slot: str
@@ -226,11 +254,7 @@ class ErpPipeline:
             erp, await catalog.publication_tables(cfg.publication)
         )
         if bad:
-            raise ErpSetupError(
-                f"published table(s) {', '.join(bad)} have no primary key or replica "
-                "identity index, so their rows cannot be matched by key; add a primary "
-                "key or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>"
-            )
+            raise ErpSetupError(_no_key_message(bad))
         system = await stream.open()
         source = SourceInfo(
             cfg.stream, system.system_identifier, system.timeline, cfg.slot

@@ -77,7 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.add_arguments(sub)
+        _config_anywhere(sub)
     return parser
+
+
+def _config_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--config`` after an action too (``dlq list --config F``)."""
+    config = next((a for a in parser._actions if a.dest == "config"), None)
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if config is None or not actions or not config.required:
+        return
+    config.required = False
+    parser.set_defaults(_config_required=True)
+    for action_parser in actions[0].choices.values():
+        action_parser.add_argument(
+            *config.option_strings,
+            dest="config",
+            default=argparse.SUPPRESS,
+            help=config.help,
+        )
 
 
 def _is_operator_change(args: argparse.Namespace) -> bool:
@@ -129,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "_config_required", False) and not getattr(args, "config", None):
+        parser.error(
+            f"{args.command}: the following arguments are required: --config/-c"
+        )
 
     from replicator.log import setup_logging
 

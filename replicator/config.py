@@ -133,9 +133,7 @@ class DaemonSettings(_Frozen):
 class OpsSettings(_Frozen):
     """The operations endpoint, metrics sampling and state-change notices."""
 
-    listen: str = Field(
-        "127.0.0.1:9108", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}$|^$"
-    )
+    listen: str = Field("", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]*):\d{1,5}$|^$")
     sample_seconds: float = Field(2.0, gt=0)  # how often stats and the replica are read
     lag_budget_seconds: float = Field(60.0, gt=0)  # /readyz fails past it
     webhook_url_env: str | None = None  # variable holding the URL (it may hold a token)

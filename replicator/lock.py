@@ -24,7 +24,7 @@ import os
 import asyncpg
 
 from replicator.config import Settings
-from replicator.errors import StoreConnectionError, StoreError
+from replicator.errors import ConfigError, StoreConnectionError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,19 @@ class InstanceLock:
             self._conn = await asyncpg.connect(
                 self.dsn, server_settings={"application_name": "replicator lock"}
             )
+        except asyncpg.ClientConfigurationError as exc:
+            raise ConfigError(
+                f"the replica DSN is not valid: {exc}; fix its value"
+            ) from exc
+        except (
+            asyncpg.InvalidPasswordError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidCatalogNameError,
+        ) as exc:
+            raise ConfigError(
+                f"the replica refused the connection: {exc}; fix the user, password "
+                "or database in the replica DSN"
+            ) from exc
         except (*_CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
             raise StoreConnectionError(
                 f"cannot connect to the replica for the instance lock: {exc}"

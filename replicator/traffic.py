@@ -36,7 +36,10 @@ _STREETS = [
 
 
 async def paced(
-    step: Callable[[], Awaitable[object]], *, rate: float, duration: float,
+    step: Callable[[], Awaitable[object]],
+    *,
+    rate: float,
+    duration: float,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Call ``step`` ``rate`` times a second for ``duration`` seconds (or until stop)."""

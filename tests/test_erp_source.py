@@ -347,9 +347,13 @@ async def test_table_without_key_stops_start_up_before_any_publication_exists(
     from replicator.sources.erp.source import ErpPipeline
 
     erp = await connect(erp_case.erp_dsn)
-    await erp.execute("CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x')")
+    await erp.execute(
+        "CREATE TABLE nokey (a int, b text); INSERT INTO nokey VALUES (1, 'x')"
+    )
 
-    with pytest.raises(ErpSetupError, match=r"nokey.*leave them out with \[erp\] tables"):
+    with pytest.raises(
+        ErpSetupError, match=r"nokey.*leave them out with \[erp\] tables"
+    ):
         await ErpPipeline(erp_case.settings()).run_once(asyncio.Event())
     publications = await erp.fetchval(
         "SELECT count(*) FROM pg_publication WHERE pubname = $1", erp_case.publication

@@ -69,6 +69,8 @@ def _parse_lsn(text: str) -> int:
 async def _connect(dsn: str, what: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, server_settings=SESSION_SETTINGS)
+    except asyncpg.ClientConfigurationError as exc:
+        raise ConfigError(f"the {what} DSN is not valid: {exc}; fix its value") from exc
     except asyncpg.InvalidPasswordError as exc:
         raise ErpSetupError(
             f"{what} rejected the credentials: {exc}; fix the DSN"
@@ -210,13 +212,15 @@ class ErpPipeline:
         if self.erp_settings.tables:
             rows = await erp.fetch(
                 "SELECT t::regclass::oid::int FROM unnest($1::text[]) AS t",
-                list(self.erp_settings.tables))
+                list(self.erp_settings.tables),
+            )
         else:
             rows = await erp.fetch(
                 "SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON "
                 "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT "
                 "c.relispartition AND n.nspname NOT IN ('pg_catalog', "
-                "'information_schema') AND n.nspname NOT LIKE 'pg_%'")
+                "'information_schema') AND n.nspname NOT LIKE 'pg_%'"
+            )
         return [r[0] for r in rows]
 
     async def _wait_slot_free(

@@ -193,6 +193,11 @@ def load(path: str | Path) -> Settings:
             f"config file {str(path)!r} does not exist; pass --config "
             "with the path of a TOML file (see config/replicator.toml)"
         ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {str(path)!r} cannot be read: {exc.strerror}; pass the path "
+            "of a readable TOML file"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"config file {str(path)!r} is not valid TOML: {exc}"

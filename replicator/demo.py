@@ -26,6 +26,7 @@ from aiohttp import web
 
 from replicator.config import Settings, parse
 from replicator.daemon import install_signal_handlers, run_loop
+from replicator.errors import first_error
 from replicator.emulator.app import EmulatorConfig, create_app
 from replicator.pgserver import TempPostgres, free_port
 from replicator.sources.erp.source import ErpPipeline
@@ -77,12 +78,20 @@ DEMO_OBJECTS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=20, help="seconds of traffic")
     parser.add_argument(
-        "--rate", type=float, default=40, help="ERP transactions a second"
+        "--duration", type=_positive, default=20, help="seconds of traffic (default 20)"
     )
     parser.add_argument(
-        "--sf-rate", type=float, default=10, help="Salesforce writes a second"
+        "--rate",
+        type=_positive,
+        default=40,
+        help="ERP transactions a second (default 40)",
+    )
+    parser.add_argument(
+        "--sf-rate",
+        type=_positive,
+        default=10,
+        help="Salesforce writes a second (default 10)",
     )
     parser.add_argument(
         "--keep",
@@ -105,6 +114,22 @@ async def _create_databases(admin_dsn: str, suffix: str) -> tuple[str, str]:
     finally:
         await conn.close()
     return f"{base}/demo_erp{suffix}", f"{base}/demo_replica{suffix}"
+
+
+async def _drop_databases(admin_dsn: str, suffix: str) -> None:
+    """Leave an existing server as it was: drop the demo's databases and slot."""
+    with contextlib.suppress(OSError, asyncpg.PostgresError):
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = $1 AND NOT active",
+                f"demo_slot{suffix}",
+            )
+            for name in (f"demo_erp{suffix}", f"demo_replica{suffix}"):
+                await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
 
 
 async def _progress(
@@ -154,7 +179,22 @@ async def _progress(
         await replica.close()
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 async def demo(args: argparse.Namespace) -> int:
+    """Run the demo; errors of its task groups come out as the one that matters."""
+    try:
+        return await _demo(args)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+async def _demo(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     server: TempPostgres | None = None
@@ -202,6 +242,8 @@ async def demo(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+        else:
+            await _drop_databases(admin_dsn, suffix)
 
 
 async def _run_both(

@@ -19,6 +19,7 @@ import orjson
 
 from replicator import config as config_module
 from replicator.config import Settings
+from replicator.errors import StoreConnectionError
 from replicator.sources.erp.snapshot import SESSION_SETTINGS
 from replicator.store.mirror import MIRROR_SCHEMA, quote_ident
 
@@ -165,7 +166,14 @@ def run(args: argparse.Namespace) -> int:
         reports = await verify_erp(settings) if settings.erp else []
         return reports + (await verify_sf(settings) if settings.salesforce else [])
 
-    return 0 if print_reports(asyncio.run(both())) else 1
+    try:
+        reports = asyncio.run(both())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreConnectionError(
+            f"cannot compare: a database refused or could not be reached: {exc}; "
+            "check the DSNs in the config and that the servers run"
+        ) from exc
+    return 0 if print_reports(reports) else 1
 
 
 async def verify_sf(settings: Settings, *, sample: int = 5) -> list[TableReport]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import logging
 from pathlib import Path
 
@@ -86,7 +87,16 @@ async def _serve(config: EmulatorConfig) -> None:
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        print(
+            f"replicator emulator: cannot listen on {config.host}:{config.port}: "
+            f"{exc.strerror}; choose another --port",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     url = f"http://{config.host}:{config.port}"
     print(
         f"Salesforce emulator at {url}\n"

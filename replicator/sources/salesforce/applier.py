@@ -24,7 +24,8 @@ import orjson
 
 from replicator.sources.erp.pgoutput import UNCHANGED
 from replicator.sources.salesforce.cdc import DiffMismatch, RecordChange, apply_diff
-from replicator.sources.salesforce.rest import RestClient
+from replicator.errors import ConfigError
+from replicator.sources.salesforce.rest import RestClient, SalesforceRestError
 from replicator.sources.salesforce.schema import ObjectShape, shape_of, to_text
 from replicator.store import checkpoints
 from replicator.store.checkpoints import Checkpoint
@@ -102,7 +103,16 @@ class SfApplier:
 
     async def prepare(self, object_name: str) -> _ObjectState:
         """Describe the object; create its mirror or add the fields describe gained."""
-        shape = shape_of(await self.rest.describe(object_name))
+        try:
+            described = await self.rest.describe(object_name)
+        except SalesforceRestError as exc:
+            if exc.status == 404 or exc.code in ("NOT_FOUND", "INVALID_TYPE"):
+                raise ConfigError(
+                    f"salesforce.objects: {object_name!r} is not an object of this org "
+                    f"({exc.code}); fix the name in [salesforce] objects"
+                ) from exc
+            raise
+        shape = shape_of(described)
         columns = shape.columns()
         table = await self.store.load_table(shape.object_name)
         if table is None:

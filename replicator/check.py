@@ -223,21 +223,18 @@ async def _slot(conn: asyncpg.Connection, cfg: ErpSettings) -> Item:
 
 
 async def _identity(conn: asyncpg.Connection, cfg: ErpSettings) -> Item:
-    from replicator.sources.erp.catalog import Catalog, tables_without_identity
+    from replicator.sources.erp.catalog import (
+        Catalog,
+        candidate_tables,
+        tables_without_identity,
+    )
 
     if await conn.fetchval(
         "SELECT 1 FROM pg_publication WHERE pubname = $1", cfg.publication
     ):
         oids = await Catalog(conn).publication_tables(cfg.publication)
     else:
-        oids = [
-            r[0]
-            for r in await conn.fetch(
-                "SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN "
-                "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'"
-            )
-        ]
+        oids = await candidate_tables(conn, cfg.tables)
     bad = await tables_without_identity(conn, oids)
     return Item(
         "ERP tables have a key",

@@ -8,6 +8,7 @@ extension types) are mirrored as text, which holds their output exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -220,4 +221,22 @@ async def tables_without_identity(
         """,
         oids,
     )
+    return [r[0] for r in rows]
+
+
+async def candidate_tables(
+    conn: asyncpg.Connection, tables: Sequence[str]
+) -> list[int]:
+    """The tables a publication would hold: ``tables``, or every user table if empty."""
+    if tables:
+        rows = await conn.fetch(
+            "SELECT t::regclass::oid::int FROM unnest($1::text[]) AS t", list(tables)
+        )
+    else:
+        rows = await conn.fetch(
+            "SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON "
+            "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT "
+            "c.relispartition AND n.nspname NOT IN ('pg_catalog', "
+            "'information_schema') AND n.nspname NOT LIKE 'pg\\_%'"
+        )
     return [r[0] for r in rows]

@@ -31,6 +31,7 @@ from replicator.errors import (
 from replicator.sources.erp.catalog import (
     Catalog,
     check_prerequisites,
+    candidate_tables,
     tables_without_identity,
 )
 from replicator.sources.erp.pgoutput import lsn_to_str
@@ -192,7 +193,9 @@ class ErpPipeline:
             target = "TABLE " + ", ".join(self.erp_settings.tables)
         # Check before creating: a publication of a table without a replica
         # identity makes the ERP's own UPDATEs and DELETEs on it fail.
-        bad = await tables_without_identity(erp, await self._candidate_tables(erp))
+        bad = await tables_without_identity(
+            erp, await candidate_tables(erp, self.erp_settings.tables)
+        )
         if bad:
             raise ErpSetupError(_no_key_message(bad))
         try:
@@ -206,22 +209,6 @@ class ErpPipeline:
                 f"(CREATE PUBLICATION {pub} FOR ALL TABLES) or grant the rights"
             ) from exc
         logger.info("publication created", extra={"publication": pub, "tables": target})
-
-    async def _candidate_tables(self, erp: asyncpg.Connection) -> list[int]:
-        """The tables a publication created now would hold."""
-        if self.erp_settings.tables:
-            rows = await erp.fetch(
-                "SELECT t::regclass::oid::int FROM unnest($1::text[]) AS t",
-                list(self.erp_settings.tables),
-            )
-        else:
-            rows = await erp.fetch(
-                "SELECT c.oid::int FROM pg_class c JOIN pg_namespace n ON "
-                "n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT "
-                "c.relispartition AND n.nspname NOT IN ('pg_catalog', "
-                "'information_schema') AND n.nspname NOT LIKE 'pg_%'"
-            )
-        return [r[0] for r in rows]
 
     async def _wait_slot_free(
         self, erp: asyncpg.Connection, slot: str

@@ -1,10 +1,11 @@
 """``replicator resync TABLE|OBJECT``: reload one ERP table or one Salesforce object.
 
-Chosen design: a standalone run, with the ERP stream stopped. An ERP table is
-copied from a fresh snapshot into a shadow table that replaces the mirror in
-one replica transaction; the checkpoint stays where it is, so when the daemon
-starts again the slot replays every change since the checkpoint over the
-reloaded table. Replaying changes older than the copy converges: each insert
+An ERP table is copied from a fresh snapshot into a shadow table that replaces
+the mirror in one replica transaction, while the daemon keeps streaming: the
+transaction first locks the mirror against writes (readers go on), so every
+change the daemon applied is at or below the checkpoint it reads next, and
+the snapshot, taken after that, holds all of them; the stream then applies
+the changes after the checkpoint over the reloaded table. Replaying changes older than the copy converges: each insert
 and update carries the whole row and applies as an upsert, deletes and
 truncates act on keys, and the last change of each key wins. A Salesforce
 object is loaded the same way (``SfApplier.load``), then caught up over REST
@@ -24,7 +25,7 @@ import asyncpg
 
 from replicator import config as config_module
 from replicator.config import Settings
-from replicator.errors import ConfigError, ErpSetupError, ReplicatorError
+from replicator.errors import ConfigError, ReplicatorError
 from replicator.sources.erp.catalog import Catalog, TableInfo
 from replicator.sources.erp.snapshot import SESSION_SETTINGS, copy_tables
 from replicator.store import checkpoints
@@ -66,8 +67,8 @@ async def resync(settings: Settings, target: str) -> int:
         )
     table, rows = await resync_table(settings, target)
     print(
-        f"resync: ERP table {table}: {rows} rows loaded; the daemon replays changes "
-        "since the checkpoint over it on its next start"
+        f"resync: ERP table {table}: {rows} rows loaded; the stream applies the "
+        "changes after the checkpoint over it"
     )
     return 0
 
@@ -111,23 +112,9 @@ async def resync_table(settings: Settings, target: str) -> tuple[str, int]:
     erp = await _erp_connect(settings)
     exporter = await _erp_connect(settings)
     try:
-        slot = await erp.fetchrow(
-            "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            cfg.slot,
-        )
-        if slot is not None and slot["active"]:
-            raise ErpSetupError(
-                f"replication slot {cfg.slot!r} is streaming (pid {slot['active_pid']}): "
-                "stop the daemon, run the resync, then start the daemon again"
-            )
         info = await _table_info(erp, target)
-        # The exporting transaction stays open until the copy is done.
-        async with exporter.transaction(isolation="repeatable_read", readonly=True):
-            snapshot = await exporter.fetchval("SELECT pg_export_snapshot()")
-            async with replica_connection(settings.replica.resolve()) as replica:
-                rows = await _copy_into_replica(
-                    replica, erp, snapshot, info, cfg.stream
-                )
+        async with replica_connection(settings.replica.resolve()) as replica:
+            rows = await _copy_into_replica(replica, erp, exporter, info, cfg.stream)
     finally:
         await erp.close()
         await exporter.close()
@@ -137,15 +124,23 @@ async def resync_table(settings: Settings, target: str) -> tuple[str, int]:
 async def _copy_into_replica(
     replica: asyncpg.Connection,
     erp: asyncpg.Connection,
-    snapshot: str,
+    exporter: asyncpg.Connection,
     info: TableInfo,
     stream: str,
 ) -> int:
     name = mirror_name(info.root_schema, info.root_name)
     store = MirrorStore(replica, stream)
     async with replica.transaction():
+        mirror = f"{quote_ident(store.schema)}.{quote_ident(name)}"
+        if await replica.fetchval("SELECT to_regclass($1)", mirror) is not None:
+            # the running daemon's writes to this mirror wait from here to commit
+            await replica.execute(f"LOCK TABLE {mirror} IN EXCLUSIVE MODE")
         cp = await checkpoints.load(replica, stream)
-        await copy_tables(erp, snapshot, [info], store)
+        # The ERP snapshot is taken after the checkpoint was read: it holds
+        # every change at or below it; the stream re-applies the later ones.
+        async with exporter.transaction(isolation="repeatable_read", readonly=True):
+            snapshot = await exporter.fetchval("SELECT pg_export_snapshot()")
+            await copy_tables(erp, snapshot, [info], store)
         rows = int(
             await replica.fetchval(
                 f"SELECT count(*) FROM {quote_ident(store.schema)}.{quote_ident(name)}"

@@ -176,18 +176,49 @@ async def test_resync_reloads_one_erp_table_then_the_stream_replays_over_it(
     )
 
 
-async def test_resync_refuses_while_the_stream_runs(
+async def test_resync_while_the_stream_runs_and_the_erp_keeps_writing_converges(
     erp_case: ErpCase, tmp_path: Path
 ) -> None:
+    """The mirror is reloaded under the running stream; writes before, during and
+    after the copy all end up in it, none twice, none lost."""
     await seeded(erp_case)
     await replicate(erp_case)
     config = str(write_toml(tmp_path / "r.toml", settings_for(erp_case, None)))
+    erp = await asyncpg.connect(erp_case.erp_dsn)
+    stop_writing = asyncio.Event()
+
+    async def keep_writing() -> None:
+        n = 0
+        while not stop_writing.is_set():
+            n += 1
+            async with erp.transaction():
+                await erp.execute(
+                    "INSERT INTO invoice (customer_id, amount, memo) VALUES (1, $1, 'live')",
+                    n % 50,
+                )
+                await erp.execute(
+                    "UPDATE invoice SET amount = amount + 1 WHERE id = $1", 1 + n % 400
+                )
+                await erp.execute("DELETE FROM invoice WHERE id = $1", 450 + n)
+            await asyncio.sleep(0.01)
 
     async with running_pipeline(erp_case) as pipeline:
         await asyncio.wait_for(pipeline.ready.wait(), 30)
+        writer = asyncio.create_task(keep_writing())
+        await asyncio.sleep(0.5)
         code, out = await cli("resync", "invoice", "--config", config)
+        await asyncio.sleep(0.5)
+        stop_writing.set()
+        await writer
+        await erp.execute("SELECT pg_logical_emit_message(false, 'test', '')")
+        await asyncio.sleep(2)
 
-    assert code == 1 and "stop the daemon" in out
+    await replicate(erp_case)
+    await erp.close()
+    assert code == 0, out
+    assert "rows loaded" in out
+    await assert_mirrored(erp_case, "invoice")
+    await assert_mirrored(erp_case, "customer")
 
 
 async def test_dlq_retry_rereads_records_and_drop_keeps_an_audit_row(

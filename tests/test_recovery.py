@@ -4,6 +4,7 @@ and the emulator: a daemon outage, a replica restored from a backup, a lost ERP 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from replicator.config import Settings, parse
 from replicator.emulator.app import EmulatorConfig
 from replicator.pgserver import TempPostgres, find_bindir
 from replicator.verify import verify_erp, verify_sf
-from tests.fixtures.emulator import Served
+from tests.fixtures.emulator import Served, ServeEmulator
 from tests.fixtures.erp_daemon import Daemon, fetchval
 from tests.fixtures.pg import ErpCase
 
@@ -308,3 +309,39 @@ async def test_slot_invalidated_by_max_slot_wal_keep_size_is_resynced(
         daemon.close()
     finally:
         server.stop()
+
+
+CHANNEL = "sf:/data/AccountChangeEvent"
+
+
+async def test_daemon_down_longer_than_the_replay_window_catches_up_by_itself(
+    erp_seeded: ErpCase,
+    serve_emulator: ServeEmulator,
+    tmp_path: Path,
+) -> None:
+    """The stored replay ids fell out of the org's retention while the daemon was
+    down: on restart the objects are caught up over REST and the stream goes on,
+    with no manual step; the catch-up is in the checkpoint history."""
+    config = EmulatorConfig.ebikes(
+        long_poll_timeout_seconds=2.0, replay_retention_seconds=1.5
+    )
+    async with serve_emulator(config) as served:
+        data = settings_for(erp_seeded, served)
+        daemon = Daemon(write_toml(tmp_path / "replicator.toml", data), tmp_path)
+        await run_daemon(daemon)  # initial load: no replay id stored yet
+        await change_org(served, 1)
+        await asyncio.sleep(2.5)  # the outage outlasts the retention window
+        await run_daemon(daemon)
+        after_load = await history_reasons(erp_seeded.replica_dsn, CHANNEL)
+        await change_org(served, 2)
+        await run_daemon(daemon)  # round 2 applied: a replay id is stored
+        await change_org(served, 3)
+        await asyncio.sleep(2.5)  # that replay id falls out of the window
+        await run_daemon(daemon)
+
+        await assert_verified(parse(data))
+        reasons = await history_reasons(erp_seeded.replica_dsn, CHANNEL)
+        daemon.close()
+
+    assert "no event since the initial load" in after_load
+    assert "replay id outside retention window" in reasons[len(after_load) :]

@@ -86,6 +86,8 @@ class SalesforcePipeline:
         self.loaded = asyncio.Event()
         self._positions: dict[str, int] = {}
         self._last_commit: dict[str, dt.datetime] = {}
+        self._catch_up_first: dict[str, dt.datetime | None] = {}
+        self._catch_up_reasons: dict[str, str] = {}
 
     @property
     def stats(self) -> Any:
@@ -152,6 +154,18 @@ class SalesforcePipeline:
                 self._positions[state.channel] = -1
             else:
                 self._positions[state.channel] = int(cp.position)
+                if cp.position == "-2":
+                    # Loaded, but no event applied since: replay -2 cannot
+                    # tell whether events fell out of retention meanwhile, so
+                    # catch up from the load's time first (the guard drops
+                    # what the mirror already holds).
+                    loaded = cp.details.get("loaded_at")
+                    self._catch_up_first[state.shape.object_name] = (
+                        dt.datetime.fromisoformat(loaded) if loaded else None
+                    )
+                    self._catch_up_reasons[state.shape.object_name] = (
+                        "no event since the initial load"
+                    )
                 commit_ms = cp.details.get("commit_ms")
                 if commit_ms:
                     self._last_commit[state.channel] = dt.datetime.fromtimestamp(
@@ -172,7 +186,8 @@ class SalesforcePipeline:
         self._to_load = [
             o for o, s in applier.objects.items() if self._positions[s.channel] == -1
         ]
-        self._to_catch_up: dict[str, dt.datetime | None] = {}
+        self._to_catch_up: dict[str, dt.datetime | None] = dict(self._catch_up_first)
+        self._catch_up_first.clear()
         while not stop.is_set():
             channels = [s.channel for s in applier.objects.values()]
             stream = SalesforceStream(
@@ -243,9 +258,10 @@ class SalesforcePipeline:
                 self._positions[applier.objects[obj].channel] = -2
                 self._to_load.pop(0)
             for obj, since in list(self._to_catch_up.items()):
-                await applier.catch_up(
-                    obj, since, reason="replay id outside retention window"
+                reason = self._catch_up_reasons.pop(
+                    obj, "replay id outside retention window"
                 )
+                await applier.catch_up(obj, since, reason=reason)
                 self._positions[applier.objects[obj].channel] = -2
                 del self._to_catch_up[obj]
             self.loaded.set()

@@ -126,19 +126,8 @@ def create_app(config: EmulatorConfig) -> web.Application:
 
 
 def _setup_optional(app: web.Application) -> None:
-    # TODO(emulator-parts): drop the guards once query.py and streaming.py
-    # are merged; until then the app serves without them.
-    try:
-        from replicator.emulator import query
-    except ModuleNotFoundError as exc:
-        if exc.name != "replicator.emulator.query":
-            raise
-    else:
-        query.setup_query(app)
-    try:
-        from replicator.emulator import streaming
-    except ModuleNotFoundError as exc:
-        if exc.name != "replicator.emulator.streaming":
-            raise
-    else:
-        streaming.setup_streaming(app)
+    """Mount the query endpoints and the Streaming API."""
+    from replicator.emulator import query, streaming
+
+    query.setup_query(app)
+    streaming.setup_streaming(app)

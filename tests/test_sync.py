@@ -246,3 +246,50 @@ async def test_write_backs_and_operator_commands_land_in_the_audit_trail(
     assert created["Id"] in audited["answer"]
     assert deleted["replicator.audit"] >= 1
     assert left == 0
+
+
+async def test_echo_of_an_earlier_write_never_reverts_a_newer_value(
+    erp_case: ErpCase, serve_emulator: Any, f0_config: EmulatorConfig
+) -> None:
+    """BUG-35: two quick ERP edits; the echo of the first write to Salesforce comes
+    back after the second edit and must not flip the field back, nor be written
+    to the ERP."""
+    erp = await asyncpg.connect(erp_case.erp_dsn)
+    await erp.execute(CUSTOMER_DDL)
+    async with serve_emulator(f0_config) as served, org_client(served) as org:
+        settings = sync_settings(erp_case, served)
+        async with syncing(settings):
+            await erp.execute(
+                "INSERT INTO customer VALUES ('C-1001', 'Acme Tools', "
+                "'555-0100', 'Portsmouth', 'New Hampshire')"
+            )
+            await until(lambda: account_by_code(org, "C-1001"))
+            await erp.execute(
+                "UPDATE customer SET phone = '555-0101' WHERE customer_code = 'C-1001'"
+            )
+            await erp.execute(
+                "UPDATE customer SET phone = '555-0102' WHERE customer_code = 'C-1001'"
+            )
+            settled = await until(lambda: _phone_is(org, "555-0102"))
+            await asyncio.sleep(3)  # every echo has come back by now
+            final = await account_by_code(org, "C-1001")
+            replica = await asyncpg.connect(erp_case.replica_dsn)
+            to_erp = await replica.fetchval(
+                "SELECT count(*) FROM replicator.outbox WHERE target = 'erp'"
+            )
+            unified = await replica.fetchval("SELECT phone FROM unified.customer")
+            await replica.close()
+            erp_phone = await erp.fetchval(
+                "SELECT phone FROM customer WHERE customer_code = 'C-1001'"
+            )
+
+    await erp.close()
+    assert settled["Phone"] == "555-0102"
+    assert final is not None and final["Phone"] == "555-0102"
+    assert (erp_phone, unified) == ("555-0102", "555-0102")
+    assert to_erp == 0  # the engine never wrote to this ERP row
+
+
+async def _phone_is(org: Org, phone: str) -> dict[str, Any] | None:
+    record = await account_by_code(org, "C-1001")
+    return record if record and record["Phone"] == phone else None

@@ -34,7 +34,7 @@ from replicator.emulator.streaming import STREAMING_KEY
 from replicator.sources.salesforce.source import SalesforcePipeline
 from tests.fixtures.emulator import Served, ServeEmulator
 from tests.fixtures.pg import ErpCase
-from tests.test_sf_source import Org, eventually_mirrored, org_client
+from tests.test_sf_source import Org, eventually_mirrored, org_client, running
 
 pytestmark = pytest.mark.integration
 
@@ -114,25 +114,6 @@ def settings_for(
             },
         }
     )
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[SalesforcePipeline]:
-    """Run the pipeline in this loop until the block ends; fail if it dies."""
-    pipeline = SalesforcePipeline(settings)
-    stop = asyncio.Event()
-    task = asyncio.create_task(pipeline.run(stop))
-    try:
-        async with asyncio.timeout(30):
-            while not pipeline.ready.is_set():
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.05)
-        yield pipeline
-    finally:
-        stop.set()
-        async with asyncio.timeout(15):
-            await task
 
 
 async def seed_b0(org: Org) -> dict[str, str]:

@@ -293,3 +293,40 @@ async def test_echo_of_an_earlier_write_never_reverts_a_newer_value(
 async def _phone_is(org: Org, phone: str) -> dict[str, Any] | None:
     record = await account_by_code(org, "C-1001")
     return record if record and record["Phone"] == phone else None
+
+
+async def test_conflicts_list_shows_decisions_between_the_systems_by_default(
+    erp_case: ErpCase,
+    serve_emulator: Any,
+    f0_config: EmulatorConfig,
+    tmp_path: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from replicator.cli import main
+    from replicator.store.tables import create_schema
+
+    replica = await asyncpg.connect(erp_case.replica_dsn)
+    await create_schema(replica)
+    await replica.execute(
+        "INSERT INTO replicator.conflicts (entity, entity_key, field, kept_value, "
+        "kept_source, discarded_value, discarded_source, rule) VALUES "
+        "('customer', 'erp:C-1', 'phone', '555-2', 'salesforce', '555-1', 'erp', 'lww'),"
+        "('customer', 'erp:C-1', 'name', 'B', 'erp', 'A', 'erp', 'lww')"
+    )
+    await replica.close()
+    config = tmp_path / "r.toml"
+    config.write_text(f'[replica]\ndsn = "{erp_case.replica_dsn}"\n')
+
+    across = await asyncio.to_thread(main, ["conflicts", "list", "-c", str(config)])
+    across_out = capsys.readouterr().out
+    every = await asyncio.to_thread(
+        main, ["conflicts", "list", "--all", "-c", str(config)]
+    )
+    every_out = capsys.readouterr().out
+
+    rows_across = across_out.strip().splitlines()[1:]  # under the header line
+    rows_every = every_out.strip().splitlines()[1:]
+    assert (across, every) == (0, 0)
+    assert len(rows_across) == 1 and " phone " in rows_across[0]
+    assert len(rows_every) == 2
+    assert sorted(" name " in r for r in rows_every) == [False, True]

@@ -22,22 +22,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", help="conflicts, newest first")
     listing.add_argument("--entity", help="only this entity")
     listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument(
+        "--all",
+        action="store_true",
+        dest="show_all",
+        help="also values a source replaced with its own later edit (the log keeps "
+        "every replaced value; by default only decisions between the two systems)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     settings = config_module.load(args.config)
-    return asyncio.run(list_conflicts(settings, args.entity, args.limit))
+    return asyncio.run(
+        list_conflicts(settings, args.entity, args.limit, show_all=args.show_all)
+    )
 
 
-async def list_conflicts(settings: Settings, entity: str | None, limit: int) -> int:
+async def list_conflicts(
+    settings: Settings, entity: str | None, limit: int, *, show_all: bool = False
+) -> int:
     async with replica_connection(settings.replica.resolve()) as conn:
         rows = await conn.fetch(
             "SELECT id, recorded_at, entity, entity_key, field, kept_value, kept_source, "
             "kept_time, discarded_value, discarded_source, discarded_time, rule "
-            "FROM replicator.conflicts WHERE $1::text IS NULL OR entity = $1 "
+            "FROM replicator.conflicts WHERE ($1::text IS NULL OR entity = $1) "
+            "AND ($3 OR kept_source IS DISTINCT FROM discarded_source) "
             "ORDER BY id DESC LIMIT $2",
             entity,
             limit,
+            show_all,
         )
     print_table(
         (

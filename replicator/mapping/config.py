@@ -57,6 +57,10 @@ class FieldMap(_Frozen):
     enforce: bool = False
     transform: str | None = None
     reverse: bool = False  # swap the transform's directions
+    # The name of another entity: the field holds a key of that entity (the
+    # ERP key column on the ERP side, the record Id on the Salesforce side);
+    # its unified value is the referenced record's unified_id.
+    reference: str | None = Field(None, pattern=_NAME)
 
     @field_validator("transform")
     @classmethod
@@ -111,6 +115,11 @@ class EntitySettings(_Frozen):
     erp: str = Field(pattern=_ERP_TABLE)
     external_id: str = Field(pattern=_SF_NAME)
     erp_sf_id_column: str | None = None
+    # How a record created from Salesforce gets its ERP key: "next" (max + 1 of
+    # a one-column numeric key), "code(field)" (letters of a unified field,
+    # as long as the key column, made unique), or unset when every key column
+    # is a mapped field (an order line keyed by its order and product).
+    erp_new_key: str | None = Field(None, pattern=r"^(next|code\([a-z_][a-z0-9_]*\))$")
     direction: Direction = "both"
     owner: System | None = None
     delete_policy: Literal["propagate", "mark", "ignore"] = "mark"
@@ -164,6 +173,7 @@ class EntitySettings(_Frozen):
             *_duplicates("fields[].salesforce", (f.salesforce for f in self.fields)),
             *_duplicates("fields[].erp", (f.erp for f in self.fields)),
             *self._reference_problems(),
+            *self._transform_and_reference(),
         ]
         if problems:
             raise _error(f"entity {self.name!r}: " + "; ".join(problems))
@@ -188,6 +198,23 @@ class EntitySettings(_Frozen):
                 problems.append(
                     f"fields[{index}].enforce = true (field {mapped.name!r}) needs an "
                     "owner; set owner on the field or the entity, or remove enforce"
+                )
+        return problems
+
+    def _transform_and_reference(self) -> list[str]:
+        problems = []
+        for index, mapped in enumerate(self.fields):
+            if mapped.reference is not None and mapped.transform is not None:
+                problems.append(
+                    f"fields[{index}] (field {mapped.name!r}) has both reference and "
+                    "transform; a reference maps keys, remove the transform"
+                )
+        if self.erp_new_key and self.erp_new_key.startswith("code("):
+            name = self.erp_new_key[5:-1]
+            if name not in {f.name for f in self.fields}:
+                problems.append(
+                    f"erp_new_key = {self.erp_new_key!r} names {name!r}, not a field; "
+                    "map it in [[entities.fields]] or fix the name"
                 )
         return problems
 
@@ -247,13 +274,31 @@ class SyncSettings(_Frozen):
         return value
 
 
+RESERVED_NAMES = frozenset({"match_review"})
+
+
 def check_entities(entities: tuple[EntitySettings, ...]) -> list[str]:
-    """Cross-entity problems: a name, object or table mapped twice."""
-    return [
+    """Cross-entity problems: a name, object or table mapped twice, bad references."""
+    names = {e.name for e in entities}
+    problems = [
         *_duplicates_of("name", (e.name for e in entities)),
         *_duplicates_of("salesforce", (e.salesforce for e in entities)),
         *_duplicates_of("erp", (e.erp for e in entities)),
     ]
+    for entity in entities:
+        if entity.name in RESERVED_NAMES:
+            problems.append(
+                f"entities[].name {entity.name!r} is reserved (a table of the "
+                "unified schema has it); choose another name"
+            )
+        for mapped in entity.fields:
+            if mapped.reference is not None and mapped.reference not in names:
+                problems.append(
+                    f"entity {entity.name!r} field {mapped.name!r}: reference = "
+                    f"{mapped.reference!r} is not an entity; use one of "
+                    + ", ".join(sorted(names))
+                )
+    return problems
 
 
 def _duplicates_of(key: str, values: Iterable[str]) -> list[str]:

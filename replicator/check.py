@@ -61,6 +61,8 @@ async def check(settings: Settings) -> list[Item]:
         items += await _erp_items(settings.erp)
     if settings.salesforce is not None:
         items += await _sf_items(settings.salesforce)
+    if settings.entities:
+        items += await _mapping_items(settings)
     return items
 
 
@@ -96,8 +98,8 @@ async def _replica_items(settings: Settings) -> list[Item]:
         )
         for schema in (SCHEMA, *MIRROR_SCHEMAS):
             row = await conn.fetchrow(
-                "SELECT has_schema_privilege(current_user, n.oid, 'CREATE') AS can_write "
-                "FROM pg_namespace n WHERE nspname = $1",
+                "SELECT has_schema_privilege(current_user, n.oid, 'CREATE') "
+                "AS can_write FROM pg_namespace n WHERE nspname = $1",
                 schema,
             )
             if row is None:
@@ -123,9 +125,10 @@ async def _replica_items(settings: Settings) -> list[Item]:
                     )
                 )
         bi = await conn.fetch(
-            "SELECT rolname FROM pg_roles r WHERE NOT rolsuper AND has_schema_privilege("
-            "r.oid, 'erp', 'USAGE') AND r.rolname <> current_user AND EXISTS (SELECT 1 "
-            "FROM pg_namespace WHERE nspname = 'erp') AND rolname NOT LIKE 'pg\\_%'"
+            "SELECT rolname FROM pg_roles r WHERE NOT rolsuper AND "
+            "has_schema_privilege(r.oid, 'erp', 'USAGE') AND r.rolname <> current_user "
+            "AND EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'erp') "
+            "AND rolname NOT LIKE 'pg\\_%'"
         )
         names = ", ".join(r[0] for r in bi)
         items.append(
@@ -241,14 +244,32 @@ async def _identity(conn: asyncpg.Connection, cfg: ErpSettings) -> Item:
         not bad,
         f"{len(oids)} tables"
         if not bad
-        else f"{', '.join(bad)} have no primary key or replica identity index; add one, "
-        "or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>",
+        else f"{', '.join(bad)} have no primary key or replica identity index; add "
+        "one, or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>",
     )
 
 
 _ERP_PROBES: tuple[
     Callable[[asyncpg.Connection, ErpSettings], Awaitable[Item]], ...
 ] = (_wal_level, _replication, _publication, _slot, _identity)
+
+
+# -- mapped entities -----------------------------------------------------------
+
+
+async def _mapping_items(settings: Settings) -> list[Item]:
+    """The mapping against both live schemas: one failed item per problem."""
+    from replicator.mapping.startup import mapping_problems
+
+    name = "mapping against the live schemas"
+    try:
+        problems = await mapping_problems(settings)
+    except ReplicatorError as exc:
+        return [Item(name, False, f"schemas not read: {exc}")]
+    if problems:
+        return [Item(name, False, problem) for problem in problems]
+    fields = sum(len(e.fields) for e in settings.entities)
+    return [Item(name, True, f"{len(settings.entities)} entities, {fields} fields")]
 
 
 # -- Salesforce ----------------------------------------------------------------
@@ -321,8 +342,8 @@ async def _cdc_items(
                 ok,
                 channel
                 if ok
-                else f"{channel} refused ({answer.get('error')}); select {obj} in Setup "
-                "> Change Data Capture",
+                else f"{channel} refused ({answer.get('error')}); select {obj} in "
+                "Setup > Change Data Capture",
             )
         )
     if client:

@@ -175,6 +175,12 @@ class Daemon:
             raise ConfigError(
                 "the config names no source; add an [erp] or a [salesforce] section"
             )
+        # the mapping against both live schemas, before any stream starts
+        from replicator.mapping.startup import check_when_reachable
+
+        await check_when_reachable(self.settings, stop)
+        if stop.is_set():
+            return False
         async with asyncio.TaskGroup() as tg:
             tasks = {
                 key: tg.create_task(run(), name=name)

@@ -1,8 +1,9 @@
-"""``replicator verify``: compare every replicated ERP table with its mirror, row by row.
+"""``replicator verify``: compare every replicated table with its source, row by row.
 
 Both sides render rows as text in the same session settings, ordered by the
 mirror's key, and are compared in key order with bounded memory (server-side
 cursors), so the check is PostgreSQL's own view of the data on both sides.
+Mapped entities (``[[entities]]``) are checked by ``verify_unified``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import asyncpg
 import orjson
@@ -35,10 +37,27 @@ class TableReport:
     extra: list[str] = field(default_factory=list)  # in the mirror, not the source
     different: list[tuple[str, str]] = field(default_factory=list)
     mismatches: int = 0
+    kind: ClassVar[str] = "table"
 
     @property
     def ok(self) -> bool:
         return self.mismatches == 0
+
+    def summary(self, width: int) -> str:
+        """One line: the table, its row counts and whether it matches."""
+        status = "ok" if self.ok else f"DIFFERS ({self.mismatches} rows)"
+        return (
+            f"  {self.table:<{width}}  {self.source_rows:>7} source rows  "
+            f"{self.mirror_rows:>7} mirror rows  {status}"
+        )
+
+    def details(self) -> list[str]:
+        """The sampled differences, one printed line each."""
+        lines = [f"      missing in mirror: {row}" for row in self.missing]
+        lines += [f"      only in mirror:    {row}" for row in self.extra]
+        for src, dst in self.different:
+            lines += [f"      source: {src}", f"      mirror: {dst}"]
+        return lines
 
 
 async def _rows(conn: asyncpg.Connection, query: str) -> AsyncIterator[tuple[str, str]]:
@@ -132,23 +151,20 @@ async def verify_erp(settings: Settings) -> list[TableReport]:
 
 
 def print_reports(reports: list[TableReport]) -> bool:
+    """Print each report and a summary line; return whether everything matched."""
     width = max((len(r.table) for r in reports), default=5)
     for r in reports:
-        status = "ok" if r.ok else f"DIFFERS ({r.mismatches} rows)"
-        print(
-            f"  {r.table:<{width}}  {r.source_rows:>7} source rows  "
-            f"{r.mirror_rows:>7} mirror rows  {status}"
-        )
-        for row in r.missing:
-            print(f"      missing in mirror: {row}")
-        for row in r.extra:
-            print(f"      only in mirror:    {row}")
-        for src, dst in r.different:
-            print(f"      source: {src}\n      mirror: {dst}")
+        print(r.summary(width))
+        for line in r.details():
+            print(line)
     ok = all(r.ok for r in reports)
+    entities = sum(r.kind == "entity" for r in reports)
+    counted = f"{len(reports) - entities} tables" + (
+        f", {entities} entities" if entities else ""
+    )
     print(
-        f"verify: {len(reports)} tables, "
-        f"{sum(not r.ok for r in reports)} with differences -> {'OK' if ok else 'FAILED'}"
+        f"verify: {counted}, {sum(not r.ok for r in reports)} with differences "
+        f"-> {'OK' if ok else 'FAILED'}"
     )
     return ok
 
@@ -162,12 +178,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = config_module.load(args.config)
 
-    async def both() -> list[TableReport]:
+    async def every() -> list[TableReport]:
+        # imported here: the CLI imports this module to build its parser
+        from replicator.verify_unified import verify_entities
+
         reports = await verify_erp(settings) if settings.erp else []
-        return reports + (await verify_sf(settings) if settings.salesforce else [])
+        reports += await verify_sf(settings) if settings.salesforce else []
+        return reports + list(await verify_entities(settings))
 
     try:
-        reports = asyncio.run(both())
+        reports = asyncio.run(every())
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise StoreConnectionError(
             f"cannot compare: a database refused or could not be reached: {exc}; "

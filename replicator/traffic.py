@@ -42,7 +42,7 @@ async def paced(
     duration: float,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Call ``step`` ``rate`` times a second for ``duration`` seconds (or until stop)."""
+    """Call ``step`` ``rate`` times a second for ``duration`` seconds, or until stop."""
     started = time.monotonic()
     n = 0
     while time.monotonic() - started < duration and not (stop and stop.is_set()):
@@ -130,9 +130,9 @@ class NorthwindTraffic:
         )
         for product in self.rng.sample(self._products, self.rng.randint(1, 4)):
             await self.conn.execute(
-                "INSERT INTO order_details (order_id, product_id, unit_price, quantity, "
-                "discount) SELECT $1, product_id, unit_price, $2, $3 FROM products "
-                "WHERE product_id = $4",
+                "INSERT INTO order_details (order_id, product_id, unit_price, "
+                "quantity, discount) SELECT $1, product_id, unit_price, $2, $3 "
+                "FROM products WHERE product_id = $4",
                 order_id,
                 self.rng.randint(1, 40),
                 self.rng.choice([0.0, 0.05, 0.1]),
@@ -158,14 +158,15 @@ class NorthwindTraffic:
     async def _ship(self) -> None:
         await self.conn.execute(
             "UPDATE orders SET shipped_date = current_date WHERE order_id = ("
-            "SELECT order_id FROM orders WHERE shipped_date IS NULL ORDER BY order_id LIMIT 1)"
+            "SELECT order_id FROM orders WHERE shipped_date IS NULL "
+            "ORDER BY order_id LIMIT 1)"
         )
 
     async def _address(self) -> None:
         city, region, postal, country = self.rng.choice(_CITIES)
         await self.conn.execute(
-            "UPDATE customers SET address = $1, city = $2, region = $3, postal_code = $4, "
-            "country = $5 WHERE customer_id = $6",
+            "UPDATE customers SET address = $1, city = $2, region = $3, "
+            "postal_code = $4, country = $5 WHERE customer_id = $6",
             self.rng.choice(_STREETS),
             city,
             region,
@@ -176,13 +177,14 @@ class NorthwindTraffic:
 
     async def _delete_line(self) -> None:
         await self.conn.execute(
-            "DELETE FROM order_details WHERE (order_id, product_id) = (SELECT order_id, "
-            "product_id FROM order_details ORDER BY random() LIMIT 1)"
+            "DELETE FROM order_details WHERE (order_id, product_id) = (SELECT "
+            "order_id, product_id FROM order_details ORDER BY random() LIMIT 1)"
         )
 
     async def _delete_order(self) -> None:
         order_id = await self.conn.fetchval(
-            "SELECT order_id FROM orders WHERE order_id >= 11000 ORDER BY random() LIMIT 1"
+            "SELECT order_id FROM orders WHERE order_id >= 11000 "
+            "ORDER BY random() LIMIT 1"
         )
         if order_id is not None:
             await self.conn.execute(
@@ -219,12 +221,11 @@ _CASE_SUBJECTS = [
 ]
 
 
-class OrgTraffic:
-    """Salesforce activity through REST, as the org's users would make it.
+class OrgRest:
+    """REST calls on the org as one of its users, never as the replicator.
 
-    Accounts edited, opportunities advancing and closing, cases opened,
-    product prices and order statuses changed. ``http`` must carry no
-    ``Sforce-Call-Options`` of the replicator, so these are foreign changes.
+    ``Sforce-Call-Options: client=<client>`` names someone else than the
+    replicator's client, so the sync treats these writes as foreign changes.
     """
 
     def __init__(
@@ -233,37 +234,73 @@ class OrgTraffic:
         token: str,
         http: Any,
         *,
-        seed: int = 11,
         api_version: str = "60.0",
+        client: str = "demo-user",
     ) -> None:
+        self.base_url = base_url
         self.url = f"{base_url}/services/data/v{api_version}"
         self.headers = {
             "Authorization": f"Bearer {token}",
-            "Sforce-Call-Options": "client=demo-user",
+            "Sforce-Call-Options": f"client={client}",
         }
         self.http = http
-        self.rng = random.Random(seed)
-        self.stats = TrafficStats()
-        self._ids: dict[str, list[str]] = {}
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request; a status of 300 or more raises ``RuntimeError``."""
         async with self.http.request(
             method, self.url + path, json=body, headers=self.headers
         ) as resp:
             text = await resp.text()
             if resp.status >= 300:
-                raise RuntimeError(f"{method} {path}: {resp.status} {text[:200]}")
+                raise RuntimeError(f"{method} {path}: {resp.status} {text[:300]}")
             return await resp.json(content_type=None) if text else None
+
+    async def query(self, soql: str) -> list[dict[str, Any]]:
+        """Return every record of ``soql``, following ``nextRecordsUrl``."""
+        async with self.http.get(
+            self.url + "/query", params={"q": soql}, headers=self.headers
+        ) as resp:
+            if resp.status >= 300:
+                raise RuntimeError(f"query {soql!r}: {resp.status} {await resp.text()}")
+            body = await resp.json()
+        records: list[dict[str, Any]] = body["records"]
+        while not body.get("done", True) and body.get("nextRecordsUrl"):
+            async with self.http.get(
+                self.base_url + body["nextRecordsUrl"], headers=self.headers
+            ) as resp:
+                body = await resp.json()
+            records += body["records"]
+        return records
+
+    async def create(self, obj: str, fields: dict[str, Any]) -> str:
+        """Create an ``obj`` record and return its Id."""
+        return str((await self.call("POST", f"/sobjects/{obj}", fields))["id"])
+
+    async def update(self, obj: str, record_id: str, fields: dict[str, Any]) -> None:
+        await self.call("PATCH", f"/sobjects/{obj}/{record_id}", fields)
+
+
+class OrgTraffic:
+    """Salesforce activity through REST, as the org's users would make it.
+
+    Accounts edited, opportunities advancing and closing, cases opened,
+    product prices and order statuses changed, all through ``org`` (a client
+    that is not the replicator, so these are foreign changes).
+    """
+
+    def __init__(self, org: OrgRest, *, seed: int = 11) -> None:
+        self.org = org
+        self.rng = random.Random(seed)
+        self.stats = TrafficStats()
+        self._ids: dict[str, list[str]] = {}
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        return await self.org.call(method, path, body)
 
     async def prepare(self) -> None:
         for obj in ("Account", "Opportunity", "Product__c", "Order__c", "Case"):
-            async with self.http.get(
-                self.url + "/query",
-                params={"q": f"SELECT Id FROM {obj}"},
-                headers=self.headers,
-            ) as resp:
-                body = await resp.json()
-            self._ids[obj] = [r["Id"] for r in body["records"]]
+            records = await self.org.query(f"SELECT Id FROM {obj}")
+            self._ids[obj] = [r["Id"] for r in records]
 
     async def step(self) -> str:
         kind = self.rng.choices(
@@ -305,13 +342,10 @@ class OrgTraffic:
 
     async def _refresh_linked(self) -> None:
         """Accounts linked to the ERP (with an ERP id): the ones the sync touches."""
-        async with self.http.get(
-            self.url + "/query",
-            params={"q": "SELECT Id FROM Account WHERE ERP_Customer_Id__c != null"},
-            headers=self.headers,
-        ) as resp:
-            if resp.status == 200:
-                self._ids["linked"] = [r["Id"] for r in (await resp.json())["records"]]
+        records = await self.org.query(
+            "SELECT Id FROM Account WHERE ERP_Customer_Id__c != null"
+        )
+        self._ids["linked"] = [r["Id"] for r in records]
 
     async def _opportunity(self) -> None:
         opp = self.rng.choice(self._ids["Opportunity"])

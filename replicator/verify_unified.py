@@ -118,7 +118,7 @@ class Link:
 class Snapshot:
     """What verification reads of one entity, each system's records by key."""
 
-    unified: list[dict[str, Any]]  # unified_id, sf_id, erp_key, deleted, fields
+    unified: list[dict[str, Any]]  # unified_id, sf_id, erp_key, deleted_at, fields
     erp: dict[str, dict[str, Any]]  # erp key text -> column -> value
     salesforce: dict[str, dict[str, Any]]  # Id -> field -> value
     review: set[tuple[str, str]] = field(default_factory=set)  # (system, key)
@@ -236,13 +236,13 @@ def compare_entity(
     transforms = {f.name: entity.transform(f.name) for f in entity.fields}
     found = _Findings(entity.name)
     for row in snapshot.unified:
-        if not row["deleted"]:
+        if row["deleted_at"] is None:
             _compare_row(entity, transforms, snapshot, references, row, found)
     _unlinked(entity, snapshot, found)
     report = EntityReport(
         f"{UNIFIED_SCHEMA}.{entity.name}",
         entity=entity.name,
-        unified_rows=sum(not row["deleted"] for row in snapshot.unified),
+        unified_rows=sum(row["deleted_at"] is None for row in snapshot.unified),
         erp_rows=len(snapshot.erp),
         salesforce_rows=len(snapshot.salesforce),
     )
@@ -375,14 +375,10 @@ def _unlinked(entity: EntitySettings, snapshot: Snapshot, found: _Findings) -> N
             if (system, key) in snapshot.review:
                 found.awaiting.append(f"{entity.name} {system} record {key!r}")
             elif system in entity.sources:
-                shown = {system: repr(key)}
-                found.differ(
-                    None,
-                    "record",
-                    shown.get("erp", _MISSING),
-                    shown.get("salesforce", _MISSING),
-                    _NO_ROW,
-                )
+                if system == "erp":
+                    found.differ(None, "record", repr(key), _MISSING, _NO_ROW)
+                else:
+                    found.differ(None, "record", _MISSING, repr(key), _NO_ROW)
 
 
 # -- reading the three stores ------------------------------------------------------
@@ -430,7 +426,13 @@ async def verify_entities(settings: Settings) -> list[EntityReport]:
         name: {r["unified_id"]: Link(r["sf_id"], r["erp_key"]) for r in rows}
         for name, rows in unified.items()
     }
-    return [compare_entity(e, snapshots[e.name], links) for e in settings.entities]
+    reports = [compare_entity(e, snapshots[e.name], links) for e in settings.entities]
+    for report in reports:
+        logger.debug(
+            "entity verified",
+            extra={"entity": report.entity, "differences": report.mismatches},
+        )
+    return reports
 
 
 async def _unified_rows(
@@ -441,8 +443,8 @@ async def _unified_rows(
         return []  # the sync never ran: every record is unlinked
     columns = "".join(f", {quote_ident(f.name)}" for f in entity.fields)
     rows = await replica.fetch(
-        "SELECT unified_id, sf_id, erp_key, deleted_at IS NOT NULL AS deleted"
-        f"{columns} FROM {table} ORDER BY unified_id"
+        f"SELECT unified_id, sf_id, erp_key, deleted_at{columns} FROM {table} "
+        "ORDER BY unified_id"
     )
     return [dict(r) for r in rows]
 

@@ -59,7 +59,7 @@ def unified_row(uid: str, sf_id: str | None, erp_key: str | None, **fields: Any)
         "unified_id": uid,
         "sf_id": sf_id,
         "erp_key": erp_key,
-        "deleted": fields.pop("deleted", False),
+        "deleted_at": fields.pop("deleted_at", None),
         **{f.name: fields.get(f.name) for f in CUSTOMER.fields},
     }
 
@@ -175,7 +175,9 @@ def test_a_record_gone_from_its_system_is_a_difference_unless_deleted() -> None:
     snapshot = Snapshot(
         [
             unified_row("erp:C-1", "001A", "C-1", **ACME),
-            unified_row("erp:C-2", "001B", "C-2", deleted=True, **ACME),
+            unified_row(
+                "erp:C-2", "001B", "C-2", deleted_at=dt.datetime.now(dt.UTC), **ACME
+            ),
         ],
         {"C-1": ACME_ERP},
         {},
@@ -204,9 +206,9 @@ def test_reference_fields_hold_the_referenced_rows_keys() -> None:
         ),
     )
     customers = {"erp:C-1": Link("001A", "C-1"), "erp:C-2": Link("001B", "C-2")}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"unified_id": f"erp:{n}", "sf_id": f"003{n}", "erp_key": str(n)}
-        | {"deleted": False, "customer": "erp:C-1"}
+        | {"deleted_at": None, "customer": "erp:C-1"}
         for n in (1, 2, 3)
     ]
     snapshot = Snapshot(

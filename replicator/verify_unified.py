@@ -279,6 +279,7 @@ def _compare_row(
                 sf_problem or _key(sf_id),
                 "linked",
             )
+    _compare_links(entity, uid, erp_key, sf_id, erp, sf, found)
     for mapped in entity.fields:
         value = row[mapped.name]
         if mapped.reference is not None:
@@ -289,6 +290,31 @@ def _compare_row(
         if not (erp_ok and sf_ok):
             erp_shown = "-" if erp is None else _show(erp.get(mapped.erp))
             found.differ(uid, mapped.name, erp_shown, sf_shown, _show(value))
+
+
+def _compare_links(
+    entity: EntitySettings,
+    uid: str,
+    erp_key: str | None,
+    sf_id: str | None,
+    erp: Mapping[str, Any] | None,
+    sf: Mapping[str, Any] | None,
+    found: _Findings,
+) -> None:
+    """A link a record carries (external id, Salesforce Id column) names its partner.
+
+    An empty link is no difference: records paired by match rules may carry none.
+    """
+    if sf is not None and erp_key is not None:
+        named = sf.get(entity.external_id)
+        if named not in (None, "") and _text(named) != erp_key:
+            shown = _show(named)
+            found.differ(uid, entity.external_id, _key(erp_key), shown, "linked")
+    column = entity.erp_sf_id_column
+    if column and erp is not None and sf_id is not None:
+        named = erp.get(column)
+        if named not in (None, "") and not _same_id(named, sf_id):
+            found.differ(uid, column, _show(named), _key(sf_id), "linked")
 
 
 def _link_problem(
@@ -498,7 +524,7 @@ async def _erp_key(
 async def _salesforce_records(
     rest: RestClient, entity: EntitySettings
 ) -> dict[str, dict[str, Any]]:
-    names = _unique(["Id", *(f.salesforce for f in entity.fields)])
+    names = _unique(["Id", entity.external_id, *(f.salesforce for f in entity.fields)])
     soql = f"SELECT {', '.join(names)} FROM {entity.salesforce}"
     return {record["Id"]: record async for record in rest.query(soql)}
 

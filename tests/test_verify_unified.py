@@ -190,6 +190,23 @@ def test_a_record_gone_from_its_system_is_a_difference_unless_deleted() -> None:
     ]
 
 
+def test_a_link_naming_another_record_is_a_difference() -> None:
+    entity = CUSTOMER.model_copy(update={"erp_sf_id_column": "sf_id"})
+    snapshot = Snapshot(
+        [unified_row("erp:C-1", "001A", "C-1", **ACME)],
+        {"C-1": {**ACME_ERP, "sf_id": "001B"}},
+        {"001A": {**ACME_SF, "ERP_Customer_Code__c": "C-7"}},
+    )
+
+    report = compare_entity(entity, snapshot, {})
+
+    assert [d.line() for d in report.differences] == [
+        "customer erp:C-1 ERP_Customer_Code__c: erp='C-1' salesforce='C-7' "
+        "unified=linked",
+        "customer erp:C-1 sf_id: erp='001B' salesforce='001A' unified=linked",
+    ]
+
+
 def test_reference_fields_hold_the_referenced_rows_keys() -> None:
     contact = EntitySettings(
         name="contact",
@@ -266,9 +283,20 @@ CREATE TABLE customer (customer_code text PRIMARY KEY, name text NOT NULL, phone
 """
 
 
+CONTACT_ID_FIELD = """<?xml version="1.0" encoding="UTF-8"?>
+<CustomField xmlns="http://soap.sforce.com/2006/04/metadata">
+<fullName>ERP_Contact_Id__c</fullName><label>ERP Contact Id</label><type>Text</type>
+<length>20</length><externalId>true</externalId><unique>true</unique>
+</CustomField>
+"""
+
+
 @pytest.fixture
 def empty_org(account_metadata_dir: Path) -> EmulatorConfig:
-    """The E-Bikes schema with F0's Account fields, and no records."""
+    """E-Bikes' schema, F0's Account fields, a Contact external id; no records."""
+    fields = account_metadata_dir / "Contact" / "fields"
+    fields.mkdir(parents=True)
+    (fields / "ERP_Contact_Id__c.field-meta.xml").write_text(CONTACT_ID_FIELD)
     return EmulatorConfig.ebikes(
         metadata_dirs=(*EmulatorConfig.ebikes().metadata_dirs, account_metadata_dir),
         seed_plans=(),

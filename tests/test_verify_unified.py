@@ -412,6 +412,12 @@ async def test_verify_agrees_after_the_sync_then_reports_changes_behind_its_back
         orphan = await org.create("Account", Name="Orphan Co")
         held = await org.create("Account", Name="Held Co")
         replica = await asyncpg.connect(erp_case.replica_dsn)
+        # the columns of replicator.store.tables.match_review that verify reads
+        await replica.execute(
+            "CREATE TABLE IF NOT EXISTS unified.match_review (entity text, side text, "
+            "record_key text, record jsonb, candidates jsonb, held text[], "
+            "status text DEFAULT 'open')"
+        )
         await replica.execute(
             "INSERT INTO unified.match_review (entity, side, record_key, record, "
             "candidates, held) VALUES ('customer', 'salesforce', $1, '{}', '[]', "

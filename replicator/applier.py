@@ -195,6 +195,7 @@ class ErpApplier:
         self._in_txn = False
         self._skip = False
         self._origin: str | None = None
+        self._own_inserts: dict[str, set[str]] = {}
         self._spools: dict[int, _Spool] = {}
         self.idle_lsn = 0  # a position past every received change, when idle
         self._changes_at_begin = 0
@@ -221,6 +222,7 @@ class ErpApplier:
         per change unless a flush or an enum check is due.
         """
         put_row = self._put_row
+        sync = self.sync
         for wal_start, msg in items:
             kind = type(msg)
             if (
@@ -229,6 +231,8 @@ class ErpApplier:
                 and cast(Any, msg).xid is None
             ):
                 route, values = put_row(msg)  # type: ignore[arg-type]
+                if sync is not None and sync.watches("erp", route.table.name):
+                    self._note_own_insert(route, msg)  # type: ignore[arg-type]
                 if (
                     route.enums and values is not None
                 ) or self._pending_rows >= self.batch_changes:
@@ -309,7 +313,26 @@ class ErpApplier:
             self.idle_lsn = max(self.idle_lsn, msg.lsn)
 
     async def _row(self, msg: Insert | Update | Delete) -> None:
-        await self._after_row(*self._put_row(msg))
+        route, values = self._put_row(msg)
+        if self.sync is not None and self.sync.watches("erp", route.table.name):
+            self._note_own_insert(route, msg)
+        await self._after_row(route, values)
+
+    def _note_own_insert(self, route: Route, msg: Insert | Update | Delete) -> None:
+        """Remember rows our own sink inserted: they are linked when its write is marked.
+
+        Resolution must not take such a row, coming back before its link is
+        stored, for a new ERP record (it would be created in Salesforce twice).
+        """
+        row = msg.old if type(msg) is Delete else cast(Insert | Update, msg).new
+        if row is None:
+            return
+        key = "|".join(str(k) for k in route.key_of(row))
+        own = self._own_inserts.setdefault(route.table.name, set())
+        if type(msg) is Insert and self.own_origin and self._origin == self.own_origin:
+            own.add(key)
+        else:
+            own.discard(key)
 
     async def _after_row(self, route: Route, values: tuple[Any, ...] | None) -> None:
         if route.enums and values is not None:
@@ -526,6 +549,7 @@ class ErpApplier:
             after,
             dict.fromkeys(set(before) | set(after), when),
             lsn_to_str(self._uncommitted_end or self.checkpoint_lsn),
+            own_inserts=self._own_inserts.pop(name, set()),
         )
 
     async def commit(self) -> bool:

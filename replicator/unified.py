@@ -13,6 +13,7 @@ the mirror and the checkpoint. See ``docs/two-way-sync.md``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -31,15 +32,19 @@ from replicator.conflict import (
     FieldRule,
     FieldState,
     PendingWrite,
+    Resolution,
     UnifiedState,
     Version,
     resolve,
     split_echoes,
+    values_equal,
     version_from_json,
     version_to_json,
 )
 from replicator.mapping.config import EntitySettings, FieldMap
 from replicator.mapping.transforms import Transform, TransformError
+from replicator.mapping.validation import Rule, compile_rule, validate
+from replicator.sinks.runner import new_key
 from replicator.sinks.worker import OUTBOX_CHANNEL
 from replicator.sources.salesforce.schema import snake
 from replicator.store.mirror import MirrorTable, mirror_name, quote_ident
@@ -71,13 +76,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Entity:
     settings: EntitySettings
     rule: EntityRule
     transforms: Mapping[str, Transform | None]
     erp_mirror: str  # mirror table name in schema erp
     erp_key: tuple[str, ...]
+    validators: tuple[Rule, ...] = ()
+    json_fields: frozenset[str] | None = None  # None: not read from the catalog yet
 
     @property
     def name(self) -> str:
@@ -91,6 +98,20 @@ class _Entity:
         return field.erp if source == "erp" else snake(field.salesforce)
 
 
+def key_column(source: str) -> str:
+    """The unified table's column holding a record's key in ``source``."""
+    return "erp_key" if source == "erp" else "sf_id"
+
+
+def other(source: str) -> str:
+    return "salesforce" if source == "erp" else "erp"
+
+
+def first_id(source: str, key: str) -> str:
+    """The unified_id of a record first seen in ``source``."""
+    return f"{'erp' if source == 'erp' else 'sf'}:{key}"
+
+
 class SyncEngine:
     """Resolution and outbox for every mapped entity, on the applier's connection."""
 
@@ -100,6 +121,9 @@ class SyncEngine:
         self.entities: dict[str, _Entity] = {}
         self.by_erp_mirror: dict[str, _Entity] = {}
         self.by_sf_object: dict[str, _Entity] = {}
+        self.linked: set[str] = set()
+        self._refs: dict[tuple[str, str, str], str] = {}
+        self._outbox_ids: dict[PendingWrite, int] = {}
         sync = getattr(settings, "sync", None)
         self.tie_window = dt.timedelta(
             seconds=float(getattr(sync, "tie_window_seconds", 1))
@@ -113,26 +137,14 @@ class SyncEngine:
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {UNIFIED_SCHEMA}")
         for entity in self.settings.entities:
             schema, _, table = entity.erp.rpartition(".")
-            fields = {
-                f.name: FieldRule(f.name, owner=entity.owner_of(f), enforce=f.enforce)
-                for f in entity.fields
-            }
-            rule = EntityRule(
-                entity.name,
-                fields,
-                entity.owner,
-                entity.delete_policy,
-                sources=tuple(sorted(entity.sources)),
-                precedence=self.precedence,
-                tie_window=self.tie_window,
-            )
             transforms = {f.name: entity.transform(f.name) for f in entity.fields}
             state = _Entity(
                 entity,
-                rule,
+                self._rule(entity, frozenset()),
                 transforms,
                 mirror_name(schema or "public", table),
                 erp_keys.get(entity.erp, ()),
+                tuple(compile_rule(v.field, v.rule) for v in entity.validate_),
             )
             self.entities[entity.name] = state
             self.by_erp_mirror[state.erp_mirror] = state
@@ -144,6 +156,49 @@ class SyncEngine:
                 "versions jsonb NOT NULL DEFAULT '{}', deleted_at timestamptz, "
                 "deleted_by text, updated_at timestamptz NOT NULL DEFAULT now())"
             )
+
+    def _rule(self, entity: EntitySettings, json_fields: frozenset[str]) -> EntityRule:
+        fields = {
+            f.name: FieldRule(
+                f.name,
+                owner=entity.owner_of(f),
+                enforce=f.enforce,
+                json=f.name in json_fields,
+            )
+            for f in entity.fields
+        }
+        return EntityRule(
+            entity.name,
+            fields,
+            entity.owner,
+            entity.delete_policy,
+            sources=tuple(sorted(entity.sources)),
+            precedence=self.precedence,
+            tie_window=self.tie_window,
+        )
+
+    async def ensure_types(self, conn: asyncpg.Connection, entity: _Entity) -> None:
+        """Learn which fields are JSON (ERP json/jsonb columns): they compare semantically."""
+        if entity.json_fields is not None:
+            return
+        erp = self.settings.erp
+        stream = erp.stream if erp is not None else "erp"
+        columns = await conn.fetchval(
+            "SELECT columns::text FROM replicator.mirror_tables "
+            "WHERE stream = $1 AND source_table = $2",
+            stream,
+            entity.settings.erp,
+        )
+        if columns is None:
+            return  # not mirrored yet: ask again next time
+        types = {name: kind for name, kind in orjson.loads(columns)}
+        json_fields = frozenset(
+            f.name
+            for f in entity.settings.fields
+            if str(types.get(f.erp, "")).lower() in ("json", "jsonb")
+        )
+        entity.json_fields = json_fields
+        entity.rule = self._rule(entity.settings, json_fields)
 
     # -- what the appliers call ---------------------------------------------------
 
@@ -157,17 +212,21 @@ class SyncEngine:
         keys: Iterable[tuple[Any, ...]],
     ) -> dict[str, dict[str, Any]]:
         """The mirror rows of ``keys`` as column -> value, keyed by the key text."""
-        key_cols = table.key
         wanted = ["|".join(str(k) for k in key) for key in keys]
         if not wanted:
             return {}
-        key_expr = " || '|' || ".join(f"t.{quote_ident(c)}::text" for c in key_cols)
-        rows = await conn.fetch(
-            f"SELECT {key_expr} AS k, to_jsonb(t)::text AS j FROM {table.qualified} t "
-            f"WHERE {key_expr} = ANY($1::text[])",
-            wanted,
-        )
-        return {r["k"]: json.loads(r["j"], parse_float=Decimal) for r in rows}
+        return await mirror_rows(conn, table.qualified, table.key, wanted)
+
+    async def is_linked(self, conn: asyncpg.Connection, entity: _Entity) -> bool:
+        """Whether the entity's existing records were linked (the initial pass ran)."""
+        if entity.name in self.linked:
+            return True
+        if await conn.fetchval(
+            "SELECT 1 FROM replicator.sync_entities WHERE entity = $1", entity.name
+        ):
+            self.linked.add(entity.name)
+            return True
+        return False
 
     async def on_rows(
         self,
@@ -178,9 +237,23 @@ class SyncEngine:
         after: Mapping[str, dict[str, Any]],
         times: Mapping[str, dt.datetime],
         position: str,
+        *,
+        own_inserts: Iterable[str] = (),
     ) -> None:
-        """Resolve every key whose mapped fields changed between ``before`` and ``after``."""
+        """Resolve every key whose mapped fields changed between ``before`` and ``after``.
+
+        ``own_inserts`` are keys of records our sink created: until the sink
+        stores their link they are not new records of that source.
+
+        Until the initial pass has linked the entity's existing records
+        (``replicator.linking``), changes only reach the mirror: that pass
+        reads the mirrors as they are then.
+        """
         entity = (self.by_erp_mirror if source == "erp" else self.by_sf_object)[name]
+        if not await self.is_linked(conn, entity):
+            return
+        await self.ensure_types(conn, entity)
+        own = set(own_inserts)
         for key in sorted(set(before) | set(after)):
             await self._one(
                 conn,
@@ -191,6 +264,7 @@ class SyncEngine:
                 after.get(key),
                 times.get(key) or dt.datetime.now(dt.UTC),
                 position,
+                own=key in own,
             )
 
     # -- one key ------------------------------------------------------------------
@@ -205,48 +279,53 @@ class SyncEngine:
         after: dict[str, Any] | None,
         commit_time: dt.datetime,
         position: str,
+        *,
+        own: bool = False,
     ) -> None:
         deleted = after is None or (
             source == "salesforce" and bool(after.get("is_deleted"))
         )
-        changed = (
-            {} if deleted else self._changed(entity, source, key, before, after or {})
-        )
-        if not changed and not deleted:
+        if not deleted and not self._touched(entity, source, before, after or {}):
             return
-        row = await self._unified_row(conn, entity, source, key, after)
-        if row.get("_new") and not deleted and after is not None:
-            # first sight of this record: every mapped field it holds is news,
-            # so a record created on the other side gets all of them
-            changed = self._changed(entity, source, key, None, after)
+        version = Version(commit_time, source, position)
+        row = await self.find_row(conn, entity, source, key, after)
+        if row is None:
+            if deleted or after is None or own:
+                # a record we never linked is gone: nothing to tell; or our
+                # own create came back before its link was stored
+                return
+            if await self.held(conn, entity, source, key):
+                return  # waits for an operator's choice (replicator matches)
+            fields = await self.values(conn, entity, source, key, None, after, position)
+            if fields is None:
+                return  # quarantined whole: nothing is created from it
+            from replicator import linking
+
+            if await linking.match_live(
+                self, conn, entity, source, key, fields, version
+            ):
+                return
+            row = await self.new_row(conn, entity, source, key)
+            changed: dict[str, Any] = fields
+        elif deleted or after is None:
+            changed = {}
+        else:
+            found = await self.values(
+                conn, entity, source, key, before, after, position
+            )
+            changed = found or {}
         echoes: list[PendingWrite] = []
         if changed:
             pending = await self._pending(conn, entity, source, row)
-            changed, echoes = split_echoes(changed, pending, json_fields=set())
+            changed, echoes = split_echoes(
+                changed, pending, json_fields=set(entity.json_fields or ())
+            )
             if echoes:
                 await self._mark_echoed(conn, echoes)
         if not changed and not deleted:
             return
-        version = Version(commit_time, source, position)
         change = Change(source, "delete" if deleted else "upsert", changed, version)
-        resolution = resolve(_state_of(row), change, entity.rule)
-        await self._store(conn, entity, row, resolution.state)
-        for conflict in resolution.conflicts:
-            await conn.execute(
-                "INSERT INTO replicator.conflicts (entity, entity_key, field, kept_value, "
-                "kept_source, kept_time, discarded_value, discarded_source, "
-                "discarded_time, rule) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                entity.name,
-                row["unified_id"],
-                conflict.field,
-                _text(conflict.kept_value),
-                conflict.kept_version.source if conflict.kept_version else None,
-                conflict.kept_version.commit_time if conflict.kept_version else None,
-                _text(conflict.discarded_value),
-                conflict.discarded_version.source,
-                conflict.discarded_version.commit_time,
-                conflict.rule,
-            )
+        resolution = await self.absorb(conn, entity, row, change)
         await self._enqueue(
             conn,
             entity,
@@ -258,79 +337,227 @@ class SyncEngine:
             change,
         )
 
-    def _changed(
+    def _touched(
         self,
+        entity: _Entity,
+        source: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any],
+    ) -> bool:
+        if before is None:
+            return True
+        return any(
+            _text(before.get(c)) != _text(after.get(c))
+            for c in (entity.column(source, f) for f in entity.settings.fields)
+        )
+
+    async def values(
+        self,
+        conn: asyncpg.Connection,
         entity: _Entity,
         source: str,
         key: str,
         before: dict[str, Any] | None,
         after: dict[str, Any],
-    ) -> dict[str, Any]:
+        position: str | None,
+        *,
+        quarantine: bool = True,
+    ) -> dict[str, Any] | None:
+        """The unified values of the mapped fields ``after`` changed (all without ``before``).
+
+        A value a transform cannot map, or that fails a validation rule, is
+        parked in the dead-letter table with the reason and left out; the
+        other fields go on. A record seen whole (no ``before``) that misses
+        a required field is quarantined whole: None.
+        """
         out: dict[str, Any] = {}
+        problems: list[tuple[str, Any, str]] = []
         for field in entity.settings.fields:
             column = entity.column(source, field)
             value = after.get(column)
             if before is not None and _text(before.get(column)) == _text(value):
                 continue
-            transform = entity.transforms.get(field.name)
-            if source == "salesforce" and transform is not None and value is not None:
-                try:
-                    value = transform.to_unified(value)
-                except TransformError as exc:
-                    logger.warning(
-                        "value cannot be mapped, field skipped",
-                        extra={
-                            "entity": entity.name,
-                            "key": key,
-                            "field": field.name,
-                            "reason": str(exc),
-                        },
-                    )
-                    continue
+            if field.reference is not None:
+                value = await self.reference_id(conn, field.reference, source, value)
+            else:
+                transform = entity.transforms.get(field.name)
+                if (
+                    source == "salesforce"
+                    and transform is not None
+                    and value is not None
+                ):
+                    try:
+                        value = transform.to_unified(value)
+                    except TransformError as exc:
+                        problems.append((field.name, value, f"transform: {exc}"))
+                        continue
             out[field.name] = _text(value)
-        return out
+        complete = before is None
+        missing_required = False
+        for violation in validate(out, entity.validators, complete=complete):
+            problems.append(
+                (
+                    violation.field,
+                    violation.value,
+                    f"rule {violation.rule!r}: {violation.message}",
+                )
+            )
+            out.pop(violation.field, None)
+            missing_required |= complete and violation.rule.startswith("required")
+        if quarantine:
+            for name, value, reason in problems:
+                await self._quarantine(
+                    conn, entity, source, key, position, name, value, reason
+                )
+        return None if missing_required else out
 
-    async def _unified_row(
+    async def _quarantine(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        source: str,
+        key: str,
+        position: str | None,
+        field: str,
+        value: Any,
+        reason: str,
+    ) -> None:
+        text = f"{entity.name} field {field!r} from {source} {key}: {reason}"
+        logger.warning(
+            "change quarantined, the rest goes on: %s",
+            text,
+            extra={"entity": entity.name, "key": key, "field": field, "source": source},
+        )
+        await conn.execute(
+            "INSERT INTO replicator.dead_letters (stream, entity, source_key, position, "
+            "reason, payload) VALUES ($1, $2, $3, $4, $5, $6::text::jsonb)",
+            f"sync:{source}",
+            entity.name,
+            key,
+            position,
+            text,
+            orjson.dumps(
+                {"field": field, "value": value, "reason": reason, "source": source},
+                default=_json_default,
+            ).decode(),
+        )
+
+    async def reference_id(
+        self, conn: asyncpg.Connection, entity_name: str, source: str, value: Any
+    ) -> str | None:
+        """The unified_id of the ``entity_name`` record whose ``source`` key is ``value``.
+
+        A record not linked yet gets the id it will have when first seen there.
+        """
+        if value is None or value == "":
+            return None
+        key = _text(value) or ""
+        cache_key = (entity_name, source, key)
+        found = self._refs.get(cache_key)
+        if found is not None:
+            return found
+        found = await conn.fetchval(
+            f"SELECT unified_id FROM {UNIFIED_SCHEMA}.{quote_ident(entity_name)} "
+            f"WHERE {key_column(source)} = $1",
+            key,
+        )
+        if found is None:
+            return first_id(source, key)
+        self._refs[cache_key] = found
+        return str(found)
+
+    async def held(
+        self, conn: asyncpg.Connection, entity: _Entity, source: str, key: str
+    ) -> bool:
+        """Whether the record waits in an open duplicate review."""
+        return bool(
+            await conn.fetchval(
+                "SELECT 1 FROM unified.match_review WHERE entity = $1 "
+                "AND status = 'open' AND $2 = ANY(held)",
+                entity.name,
+                f"{source}:{key}",
+            )
+        )
+
+    async def find_row(
         self,
         conn: asyncpg.Connection,
         entity: _Entity,
         source: str,
         key: str,
         after: dict[str, Any] | None,
-    ) -> dict[str, Any]:
-        column = "erp_key" if source == "erp" else "sf_id"
+    ) -> dict[str, Any] | None:
+        """The unified row linked to the record, by key or by the link it carries."""
         row = await conn.fetchrow(
-            f"SELECT * FROM {entity.table} WHERE {column} = $1 FOR UPDATE", key
-        )
-        if row is None and source == "salesforce" and after is not None:
-            external = after.get(snake(entity.settings.external_id))
-            if external:
-                row = await conn.fetchrow(
-                    f"SELECT * FROM {entity.table} WHERE erp_key = $1 FOR UPDATE",
-                    str(external),
-                )
-                if row is not None:
-                    await conn.execute(
-                        f"UPDATE {entity.table} SET sf_id = $1 WHERE unified_id = $2",
-                        key,
-                        row["unified_id"],
-                    )
-                    return {**dict(row), "sf_id": key}
-        if row is not None:
-            return dict(row)
-        unified_id = f"{'erp' if source == 'erp' else 'sf'}:{key}"
-        await conn.execute(
-            f"INSERT INTO {entity.table} (unified_id, {column}) VALUES ($1, $2)",
-            unified_id,
+            f"SELECT * FROM {entity.table} WHERE {key_column(source)} = $1 FOR UPDATE",
             key,
         )
-        return {
-            "unified_id": unified_id,
-            "sf_id": key if source == "salesforce" else None,
-            "erp_key": key if source == "erp" else None,
-            "versions": "{}",
-            "_new": True,
-        }
+        if row is not None:
+            return dict(row)
+        if after is None:
+            return None
+        # the record names its partner: the external id (Salesforce) or the
+        # Salesforce Id column (ERP), written by us at its creation
+        if source == "salesforce":
+            link = after.get(snake(entity.settings.external_id))
+        elif entity.settings.erp_sf_id_column:
+            link = after.get(entity.settings.erp_sf_id_column)
+        else:
+            link = None
+        if not link:
+            return None
+        column = key_column(other(source))
+        row = await conn.fetchrow(
+            f"SELECT * FROM {entity.table} WHERE {column} = $1 "
+            f"AND {key_column(source)} IS NULL FOR UPDATE",
+            str(link),
+        )
+        if row is None:
+            return None
+        await self.set_key(conn, entity, dict(row), source, key)
+        return {**dict(row), key_column(source): key}
+
+    async def set_key(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        row: Mapping[str, Any],
+        source: str,
+        key: str,
+    ) -> None:
+        """Link ``row`` to the ``source`` record ``key``; pending creates become updates."""
+        await conn.execute(
+            f"UPDATE {entity.table} SET {key_column(source)} = $1 WHERE unified_id = $2",
+            key,
+            row["unified_id"],
+        )
+        await conn.execute(
+            "UPDATE replicator.outbox SET target_key = $1 WHERE entity = $2 AND "
+            "target = $3 AND target_key = $4 AND status = 'pending'",
+            key,
+            entity.name,
+            source,
+            new_key(row["unified_id"]),
+        )
+
+    async def new_row(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        source: str,
+        key: str,
+        other_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Insert a unified row for a record first seen in ``source`` (and its partner)."""
+        unified_id = first_id(source, key)
+        keys = {key_column(source): key, key_column(other(source)): other_key}
+        await conn.execute(
+            f"INSERT INTO {entity.table} (unified_id, sf_id, erp_key) VALUES ($1, $2, $3)",
+            unified_id,
+            keys["sf_id"],
+            keys["erp_key"],
+        )
+        return {"unified_id": unified_id, **keys, "versions": "{}", "_new": True}
 
     async def _pending(
         self,
@@ -349,7 +576,7 @@ class SyncEngine:
             _ECHO_HORIZON,
         )
         pending = []
-        self._outbox_ids: dict[PendingWrite, int] = {}
+        self._outbox_ids = {}
         for r in rows:
             cause = orjson.loads(r["cause"])
             echoed = orjson.loads(r["echoed"])
@@ -375,6 +602,37 @@ class SyncEngine:
                     echo.field,
                 )
 
+    async def absorb(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        row: dict[str, Any],
+        change: Change,
+    ) -> Resolution:
+        """Resolve ``change`` against ``row``, store the outcome and log its conflicts."""
+        resolution = resolve(_state_of(row), change, entity.rule)
+        await self._store(conn, entity, row, resolution.state)
+        for name, fs in resolution.state.fields.items():
+            row[name] = _text(fs.value)
+        row["versions"] = _versions_json(resolution.state)
+        for conflict in resolution.conflicts:
+            await conn.execute(
+                "INSERT INTO replicator.conflicts (entity, entity_key, field, kept_value, "
+                "kept_source, kept_time, discarded_value, discarded_source, "
+                "discarded_time, rule) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                entity.name,
+                row["unified_id"],
+                conflict.field,
+                _text(conflict.kept_value),
+                conflict.kept_version.source if conflict.kept_version else None,
+                conflict.kept_version.commit_time if conflict.kept_version else None,
+                _text(conflict.discarded_value),
+                conflict.discarded_version.source,
+                conflict.discarded_version.commit_time,
+                conflict.rule,
+            )
+        return resolution
+
     async def _store(
         self,
         conn: asyncpg.Connection,
@@ -382,11 +640,6 @@ class SyncEngine:
         row: Mapping[str, Any],
         state: UnifiedState,
     ) -> None:
-        versions = {
-            name: version_to_json(fs.version) for name, fs in state.fields.items()
-        }
-        if state.deleted is not None:
-            versions[_DELETED] = version_to_json(state.deleted)
         names = [f.name for f in entity.settings.fields]
         sets = ", ".join(f"{quote_ident(n)} = ${i + 2}" for i, n in enumerate(names))
         values = [
@@ -398,7 +651,7 @@ class SyncEngine:
             "updated_at = now() WHERE unified_id = $1",
             row["unified_id"],
             *values,
-            orjson.dumps(versions).decode(),
+            _versions_json(state),
             state.deleted.commit_time if state.deleted else None,
             state.deleted.source if state.deleted else None,
         )
@@ -414,18 +667,6 @@ class SyncEngine:
         delete: bool,
         change: Change,
     ) -> None:
-        cause_base = {
-            "unified_id": row["unified_id"],
-            "source": source,
-            "sf_id": row["sf_id"],
-            "erp_key": row["erp_key"],
-            "version": version_to_json(change.version),
-        }
-        if writes_needed := bool(accepted or enforce or delete):
-            # delivered at commit: wakes the outbox worker
-            await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
-        if not writes_needed:
-            return
         writes: dict[str, dict[str, Any]] = {}
         for system in entity.settings.targets:
             if system != source and accepted:
@@ -433,33 +674,100 @@ class SyncEngine:
         if enforce:
             writes.setdefault(source, {}).update(enforce)
         for target, unified in writes.items():
-            fields = self._target_fields(entity, target, unified, row)
-            if fields is None:
-                continue
-            key = row["sf_id"] if target == "salesforce" else row["erp_key"]
-            await conn.execute(
-                "INSERT INTO replicator.outbox (entity, target, target_key, operation, fields, "
-                "cause) VALUES ($1, $2, $3, 'upsert', $4, $5)",
-                entity.name,
-                target,
-                key or "",
-                orjson.dumps(fields, default=_json_default).decode(),
-                orjson.dumps(
-                    {**cause_base, "unified": unified}, default=_json_default
-                ).decode(),
-            )
+            await self.put_outbox(conn, entity, target, row, unified, change.version)
         if delete:
-            target = "salesforce" if source == "erp" else "erp"
-            key = row["sf_id"] if target == "salesforce" else row["erp_key"]
+            target = other(source)
+            key = row[key_column(target)]
             if key and target in entity.settings.targets:
-                await conn.execute(
-                    "INSERT INTO replicator.outbox (entity, target, target_key, operation, "
-                    "fields, cause) VALUES ($1, $2, $3, 'delete', '{}', $4)",
-                    entity.name,
-                    target,
-                    key,
-                    orjson.dumps(cause_base).decode(),
+                await self._outbox_row(
+                    conn, entity, target, key, "delete", {}, row, change.version, {}
                 )
+
+    async def write_differences(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        row: Mapping[str, Any],
+        currents: Mapping[str, Mapping[str, Any] | None],
+        version: Version,
+    ) -> None:
+        """Write to each target the unified values it does not hold yet.
+
+        ``currents`` gives, per system, the unified-domain values of its
+        record (None: it has no record: a create). Used when records are
+        linked, where the two sides may differ in any field.
+        """
+        if row.get("deleted_at"):
+            return
+        for target in sorted(entity.settings.targets):
+            if target not in currents:
+                continue
+            current = currents[target]
+            unified = {}
+            for field in entity.settings.fields:
+                value = row.get(field.name)
+                if current is None:
+                    if value is not None:
+                        unified[field.name] = value
+                elif not values_equal(
+                    current.get(field.name),
+                    value,
+                    json=field.name in (entity.json_fields or ()),
+                ):
+                    unified[field.name] = value
+            if unified:
+                await self.put_outbox(conn, entity, target, row, unified, version)
+
+    async def put_outbox(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        target: str,
+        row: Mapping[str, Any],
+        unified: Mapping[str, Any],
+        version: Version,
+    ) -> None:
+        """Queue an upsert of ``unified`` values to ``target``, in its names and domain."""
+        fields = self._target_fields(entity, target, unified, row)
+        if fields is None:
+            return
+        key = row[key_column(target)] or new_key(row["unified_id"])
+        await self._outbox_row(
+            conn, entity, target, key, "upsert", fields, row, version, unified
+        )
+
+    async def _outbox_row(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        target: str,
+        key: str,
+        operation: str,
+        fields: Mapping[str, Any],
+        row: Mapping[str, Any],
+        version: Version,
+        unified: Mapping[str, Any],
+    ) -> None:
+        cause = {
+            "unified_id": row["unified_id"],
+            "source": version.source,
+            "sf_id": row["sf_id"],
+            "erp_key": row["erp_key"],
+            "version": version_to_json(version),
+            "unified": dict(unified),
+        }
+        await conn.execute(
+            "INSERT INTO replicator.outbox (entity, target, target_key, operation, fields, "
+            "cause) VALUES ($1, $2, $3, $4, $5, $6)",
+            entity.name,
+            target,
+            key,
+            operation,
+            orjson.dumps(fields, default=_json_default).decode(),
+            orjson.dumps(cause, default=_json_default).decode(),
+        )
+        # delivered at commit: wakes the outbox worker
+        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
 
     def _target_fields(
         self,
@@ -469,21 +777,34 @@ class SyncEngine:
         row: Mapping[str, Any],
     ) -> dict[str, Any] | None:
         fields: dict[str, Any] = {}
+        json_fields = entity.json_fields or frozenset()
         for name, value in unified.items():
             field = entity.settings.field(name)
+            target_name = field.erp if target == "erp" else field.salesforce
+            if field.reference is not None:
+                fields[target_name] = (
+                    None
+                    if value is None
+                    else {"$ref": field.reference, "unified_id": value}
+                )
+                continue
             if target == "erp":
-                fields[field.erp] = value
+                if name in json_fields and isinstance(value, str):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        value = orjson.loads(value)
+                fields[target_name] = value
                 continue
             transform = entity.transforms.get(name)
             try:
-                fields[field.salesforce] = (
+                fields[target_name] = (
                     transform.from_unified(value)
                     if transform is not None and value is not None
                     else value
                 )
             except TransformError as exc:
                 logger.warning(
-                    "value cannot be written to salesforce",
+                    "value cannot be written to salesforce: %s",
+                    exc,
                     extra={
                         "entity": entity.name,
                         "key": row["unified_id"],
@@ -496,6 +817,29 @@ class SyncEngine:
                 return None
             fields[entity.settings.external_id] = row["erp_key"]
         return fields or None
+
+
+async def mirror_rows(
+    conn: asyncpg.Connection,
+    qualified: str,
+    key_columns: Iterable[str],
+    keys: list[str] | None,
+) -> dict[str, dict[str, Any]]:
+    """Rows of a mirror table as column -> value by key text (None: every row)."""
+    key_expr = " || '|' || ".join(f"t.{quote_ident(c)}::text" for c in key_columns)
+    query = f"SELECT {key_expr} AS k, to_jsonb(t)::text AS j FROM {qualified} t"
+    if keys is None:
+        rows = await conn.fetch(query)
+    else:
+        rows = await conn.fetch(query + f" WHERE {key_expr} = ANY($1::text[])", keys)
+    return {r["k"]: json.loads(r["j"], parse_float=Decimal) for r in rows}
+
+
+def _versions_json(state: UnifiedState) -> str:
+    versions = {name: version_to_json(fs.version) for name, fs in state.fields.items()}
+    if state.deleted is not None:
+        versions[_DELETED] = version_to_json(state.deleted)
+    return orjson.dumps(versions).decode()
 
 
 def _state_of(row: Mapping[str, Any]) -> UnifiedState:

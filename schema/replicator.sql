@@ -102,3 +102,26 @@ CREATE TABLE IF NOT EXISTS replicator.replica_identity (
 	recorded_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	PRIMARY KEY (id)
 );
+CREATE TABLE IF NOT EXISTS replicator.sync_entities (
+	entity TEXT NOT NULL, 
+	linked_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+	details JSONB DEFAULT '{}'::jsonb NOT NULL, 
+	PRIMARY KEY (entity)
+);
+CREATE TABLE IF NOT EXISTS unified.match_review (
+	id BIGSERIAL NOT NULL, 
+	entity TEXT NOT NULL, 
+	side TEXT NOT NULL, 
+	record_key TEXT NOT NULL, 
+	record JSONB NOT NULL, 
+	candidates JSONB NOT NULL, 
+	rule INTEGER, 
+	held TEXT[] NOT NULL, 
+	status TEXT DEFAULT 'open' NOT NULL, 
+	chosen TEXT, 
+	decided_by TEXT, 
+	created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	decided_at TIMESTAMP WITH TIME ZONE, 
+	PRIMARY KEY (id)
+);
+CREATE INDEX IF NOT EXISTS ix_match_review_open ON unified.match_review (entity, status);

@@ -294,7 +294,11 @@ async def test_transaction_under_a_replication_origin_is_recognised(
     await erp.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     await replicate(erp_case)
 
-    await erp.execute("SELECT pg_replication_origin_create('replicator')")
+    # origins are cluster-wide: another test may have created this one
+    await erp.execute(
+        "SELECT pg_replication_origin_create('replicator') WHERE NOT EXISTS "
+        "(SELECT 1 FROM pg_replication_origin WHERE roname = 'replicator')"
+    )
     await erp.execute("SELECT pg_replication_origin_session_setup('replicator')")
     await erp.execute("INSERT INTO t VALUES (1, 'ours')")
     await erp.execute("SELECT pg_replication_origin_session_reset()")

@@ -63,8 +63,11 @@ class ErpWrite:
     key: dict[str, Any]  # primary key column -> value; empty for a new row
     operation: str  # upsert, delete
     fields: dict[str, Any]
-    new_key: str | None = None  # "max+1": generate a numeric key for a new row
+    new_key: str | None = None  # the key column to generate for a new row
     match: dict[str, Any] | None = None
+    # With ``new_key``: derive a letter code from this text (a customer's
+    # name gives "ALFRE"), else the key is max + 1.
+    key_code: str | None = None
 
 
 def _table(name: str) -> str:
@@ -186,13 +189,51 @@ class ErpSink:
         if not key and w.new_key:
             column = quote_ident(w.new_key)
             await self.conn.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
-            next_key = await self.conn.fetchval(
-                f"SELECT coalesce(max({column}), 0) + 1 FROM {table}"
-            )
+            if w.key_code is not None:
+                next_key = await self._free_code(table, w.new_key, w.key_code)
+            else:
+                next_key = await self.conn.fetchval(
+                    f"SELECT coalesce(max({column}), 0) + 1 FROM {table}"
+                )
             key = {w.new_key: next_key}
         if not key:
             raise SinkError(f"no key for a new row of {w.table!r} and no new_key")
         return await self._upsert(table, key, w)
+
+    async def _free_code(self, table: str, column: str, text: str) -> str:
+        """Return an unused key of letters from ``text``, as long as the column allows.
+
+        "Alfreds Futterkiste" gives ALFRE (Northwind's own style); when taken,
+        the tail becomes a counter: ALFR1, ALFR2, ... ALF10.
+        """
+        width = await self.conn.fetchval(
+            "SELECT CASE WHEN a.atttypmod > 4 THEN a.atttypmod - 4 END "
+            "FROM pg_attribute a WHERE a.attrelid = $1::regclass AND a.attname = $2",
+            table,
+            column,
+        )
+        size = int(width or 8)
+        letters = "".join(c for c in text.upper() if "A" <= c <= "Z") or "NEW"
+        base = (letters + "X" * size)[:size]
+        candidates = [base]
+        for n in range(1, 10 ** min(size, 6)):
+            tail = str(n)
+            candidates.append(base[: size - len(tail)] + tail)
+        quoted = quote_ident(column)
+        for i in range(0, len(candidates), 500):
+            chunk = candidates[i : i + 500]
+            taken = {
+                r[0]
+                for r in await self.conn.fetch(
+                    f"SELECT {quoted}::text FROM {table} "
+                    f"WHERE {quoted}::text = ANY($1::text[])",
+                    chunk,
+                )
+            }
+            for code in chunk:
+                if code not in taken:
+                    return code
+        raise SinkError(f"no free key of {size} characters for {text!r} in {table}")
 
     async def _delete(self, table: str, w: ErpWrite) -> dict[str, Any]:
         where = " AND ".join(f"t.{quote_ident(k)} = k.{quote_ident(k)}" for k in w.key)

@@ -20,47 +20,114 @@ import orjson
 from replicator.config import Settings
 from replicator.sinks.erp import ErpSink, ErpWrite
 from replicator.sinks.salesforce import SalesforceSink, SfWrite, WriteResult
-from replicator.sinks.worker import OutboxRow, OutboxWorker
-from replicator.store import audit
+from replicator.sinks.worker import NotReady, OutboxRow, OutboxWorker
 from replicator.store import audit
 from replicator.store.mirror import quote_ident
 
 logger = logging.getLogger(__name__)
 
 
-class OutboxResolver:
-    """Map outbox rows to sink writes, and store links on success."""
+NEW_PREFIX = "new:"  # outbox target_key of a record not yet created at the target
 
-    def __init__(self, settings: Settings, erp_keys: dict[str, list[str]]) -> None:
+
+def new_key(unified_id: str) -> str:
+    """The outbox ``target_key`` of a record the target does not hold yet."""
+    return NEW_PREFIX + unified_id
+
+
+class OutboxResolver:
+    """Map outbox rows to sink writes, and store links on success.
+
+    Runs inside the worker's claim transaction on the replica connection:
+    references to other entities (``{"$ref": entity, "unified_id": ...}``)
+    become the referenced record's key at the target, or the row waits
+    (``NotReady``) until that record has been written there.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        erp_keys: dict[str, list[str]],
+        replica: asyncpg.Connection | None = None,
+    ) -> None:
         self.entities = {e.name: e for e in settings.entities}
         self.erp_keys = erp_keys  # "schema.table" -> key columns
+        self.replica = replica
 
-    def salesforce(self, row: OutboxRow) -> SfWrite:
+    async def _linked_key(self, entity: str, unified_id: str, column: str) -> Any:
+        if self.replica is None:
+            return None
+        return await self.replica.fetchval(
+            f"SELECT {column} FROM unified.{quote_ident(entity)} WHERE unified_id = $1",
+            unified_id,
+        )
+
+    async def _target_key(self, row: OutboxRow) -> str | None:
+        """The record's key at the target, None while it does not exist there."""
+        if not row.target_key.startswith(NEW_PREFIX):
+            return row.target_key or None
+        column = "sf_id" if row.target == "salesforce" else "erp_key"
+        found = await self._linked_key(
+            row.entity, row.target_key[len(NEW_PREFIX) :], column
+        )
+        return str(found) if found else None
+
+    async def _fields(self, row: OutboxRow) -> dict[str, Any]:
+        column = "sf_id" if row.target == "salesforce" else "erp_key"
+        fields = {}
+        for name, value in row.fields.items():
+            if isinstance(value, dict) and "$ref" in value:
+                key = await self._linked_key(value["$ref"], value["unified_id"], column)
+                if key is None:
+                    raise NotReady(
+                        f"{name} refers to {value['$ref']} {value['unified_id']}, "
+                        f"not yet written to {row.target}"
+                    )
+                value = str(key)
+            fields[name] = value
+        return fields
+
+    async def salesforce(self, row: OutboxRow) -> SfWrite:
         entity = self.entities[row.entity]
         return SfWrite(
             row.id,
             entity.salesforce,
-            row.target_key or None,
+            await self._target_key(row),
             entity.external_id,
             row.operation,
-            dict(row.fields),
+            await self._fields(row),
         )
 
-    def erp(self, row: OutboxRow) -> ErpWrite:
+    async def erp(self, row: OutboxRow) -> ErpWrite:
         entity = self.entities[row.entity]
         key_columns = self.erp_keys.get(entity.erp, [])
+        fields = await self._fields(row)
         key: dict[str, Any] = {}
-        if row.target_key:
-            key = dict(zip(key_columns, row.target_key.split("|"), strict=True))
-        fields = dict(row.fields)
+        target_key = await self._target_key(row)
+        if target_key:
+            key = dict(zip(key_columns, target_key.split("|"), strict=True))
+        elif key_columns and all(c in fields for c in key_columns):
+            key = {c: fields[c] for c in key_columns}  # a line keyed by its parents
         sf_id = (row.cause or {}).get("sf_id")
         match = None
         if entity.erp_sf_id_column and sf_id:
             fields[entity.erp_sf_id_column] = sf_id
             match = {entity.erp_sf_id_column: sf_id}
-        new_key = key_columns[0] if not key and len(key_columns) == 1 else None
+        generated, code = None, None
+        if not key and len(key_columns) == 1:
+            generated = key_columns[0]
+            spec = entity.erp_new_key or "next"
+            if spec.startswith("code("):
+                code = str(fields.get(entity.field(spec[5:-1]).erp) or "")
         return ErpWrite(
-            row.id, entity.erp, key, row.operation, fields, new_key=new_key, match=match
+            row.id,
+            entity.erp,
+            key,
+            row.operation,
+            fields,
+            new_key=generated,
+            match=match,
+            key_code=code,
         )
 
     async def on_done(
@@ -81,25 +148,44 @@ class OutboxResolver:
                 "created": result.created,
             },
         )
-        if row.target_key or not result.record_id or row.operation != "upsert":
+        if not row.target_key.startswith(NEW_PREFIX) or not result.record_id:
             return
-        unified_id = (row.cause or {}).get("unified_id")
+        if row.operation != "upsert":
+            return
+        unified_id = row.target_key[len(NEW_PREFIX) :]
         column = "sf_id" if row.target == "salesforce" else "erp_key"
-        if unified_id:
+        linked = await conn.fetchrow(
+            f"UPDATE unified.{quote_ident(row.entity)} SET {column} = $1 "
+            f"WHERE unified_id = $2 AND {column} IS NULL RETURNING sf_id",
+            result.record_id,
+            unified_id,
+        )
+        # later rows for the same new record now name it by its key
+        await conn.execute(
+            "UPDATE replicator.outbox SET target_key = $1 WHERE entity = $2 AND "
+            "target = $3 AND target_key = $4 AND status = 'pending'",
+            result.record_id,
+            row.entity,
+            row.target,
+            row.target_key,
+        )
+        entity = self.entities[row.entity]
+        if (
+            row.target == "erp"
+            and linked is not None
+            and linked["sf_id"]
+            and "salesforce" in entity.targets
+        ):
+            # the new ERP key goes into the Salesforce record's external id
             await conn.execute(
-                f"UPDATE unified.{quote_ident(row.entity)} SET {column} = $1 "
-                f"WHERE unified_id = $2 AND {column} IS NULL",
-                result.record_id,
-                unified_id,
-            )
-            await conn.execute(
-                "UPDATE replicator.outbox SET target_key = $1 WHERE entity = $2 AND "
-                "target = $3 AND target_key = '' AND status = 'pending' AND "
-                "cause->>'unified_id' = $4",
-                result.record_id,
+                "INSERT INTO replicator.outbox (entity, target, target_key, operation, "
+                "fields, cause) VALUES ($1, 'salesforce', $2, 'upsert', $3, $4)",
                 row.entity,
-                row.target,
-                unified_id,
+                linked["sf_id"],
+                orjson.dumps({entity.external_id: result.record_id}).decode(),
+                orjson.dumps(
+                    {"unified_id": unified_id, "link": "erp_key", "unified": {}}
+                ).decode(),
             )
 
 
@@ -118,7 +204,15 @@ async def run_outbox(settings: Settings, stop: asyncio.Event) -> None:
     replica = await asyncpg.connect(settings.replica.resolve())
     erp_conn = None
     try:
-        resolver = OutboxResolver(settings, await _erp_keys(replica))
+        # Existing records are linked (or queued for creation) before the
+        # first write: an entity's live changes wait for its pass.
+        from replicator.linking import link_all
+        from replicator.unified import sync_engine
+
+        engine = await sync_engine(settings, replica)
+        if engine is not None:
+            await link_all(engine, replica)
+        resolver = OutboxResolver(settings, await _erp_keys(replica), replica)
         erp_sink = None
         if settings.erp is not None:
             erp_conn = await asyncpg.connect(settings.erp.database.resolve())

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +41,19 @@ from replicator.errors import SinkError
 from replicator.sinks.erp import ErpSink, ErpWrite
 from replicator.sinks.salesforce import SalesforceSink, SfWrite, WriteResult
 
-__all__ = ["OUTBOX_CHANNEL", "OnDone", "OutboxRow", "OutboxWorker"]
+__all__ = ["OUTBOX_CHANNEL", "NotReady", "OnDone", "OutboxRow", "OutboxWorker"]
 
 logger = logging.getLogger(__name__)
 
 OUTBOX_CHANNEL = "replicator_outbox"
+# A row whose write waits for another record (an order line for its order's
+# Salesforce Id) is looked at again after this long; it costs no attempt.
+_WAIT_SECONDS = 0.5
+
+
+class NotReady(Exception):
+    """Raised by a resolver: the write needs a record not yet written; try later."""
+
 
 _W = TypeVar("_W", SfWrite, ErpWrite)
 
@@ -153,8 +162,8 @@ class OutboxWorker:
         *,
         salesforce: SalesforceSink | None,
         erp: ErpSink | None,
-        resolve_sf: Callable[[OutboxRow], SfWrite],
-        resolve_erp: Callable[[OutboxRow], ErpWrite],
+        resolve_sf: Callable[[OutboxRow], SfWrite | Awaitable[SfWrite]],
+        resolve_erp: Callable[[OutboxRow], ErpWrite | Awaitable[ErpWrite]],
         batch: int = 200,
         on_done: OnDone | None = None,
         retry_initial: float = 1.0,
@@ -250,7 +259,7 @@ class OutboxWorker:
             if not rows:
                 return 0
             groups = _coalesce(rows)
-            writes = [g for g in groups if self._resolve(target, g)]
+            writes = [g for g in groups if await self._resolve(target, g)]
             results = await target.write([g.write for g in writes]) if writes else []
             target.answered_at = _now()
             retried = await self._mark(target, groups, results)
@@ -278,13 +287,19 @@ class OutboxWorker:
         held = {(b["entity"], b["target_key"]) for b in blocked}
         return [r for r in rows if (r.entity, r.target_key) not in held]
 
-    def _resolve(self, target: _Target, group: _Group) -> bool:
+    async def _resolve(self, target: _Target, group: _Group) -> bool:
         writes = []
         for row in group.rows:
             # The resolver is the caller's code: whatever it raises fails
             # this record only, with the error, and the round goes on.
             try:
-                writes.append(target.resolve(row))
+                write = target.resolve(row)
+                writes.append(await write if inspect.isawaitable(write) else write)
+            except NotReady as exc:
+                group.write = WriteResult(
+                    row.id, "wait", {"error": "WAITING", "message": str(exc)}
+                )
+                return False
             except Exception as exc:
                 group.write = WriteResult(
                     row.id, "failed", {"error": "RESOLVE", "message": repr(exc)}
@@ -318,6 +333,10 @@ class OutboxWorker:
         answer = orjson.dumps(result.answer, default=str).decode()
         ids = [r.id for r in group.rows]
         last = group.rows[-1]
+        if result.outcome == "wait":
+            for i in ids:
+                target.deferred[i] = _now() + _WAIT_SECONDS
+            return
         if result.outcome == "done":
             await self.conn.executemany(_MARK_DONE, [(i, answer) for i in ids])
             if self.on_done is not None:

@@ -145,6 +145,43 @@ outbox = Table(
     Index("ix_outbox_key", "entity", "target", "target_key"),
 )
 
+# Mapped entities whose existing records have been linked across the two
+# systems (the initial pass at switch-on); resolution of live changes starts
+# for an entity once its row is here.
+sync_entities = Table(
+    "sync_entities",
+    metadata,
+    Column("entity", Text, primary_key=True),
+    Column("linked_at", DateTime(timezone=True), nullable=False),
+    Column("details", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+)
+
+# Duplicate candidates waiting for an operator (``replicator matches``): a
+# record with no link that matched several records of the other side. In the
+# unified schema so BI tools read it; ``held`` lists the records ("erp:KEY",
+# "salesforce:ID") that nothing is created for while the row is open.
+match_review = Table(
+    "match_review",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("entity", Text, nullable=False),
+    Column("side", Text, nullable=False),  # erp, salesforce: where the record is
+    Column("record_key", Text, nullable=False),
+    Column("record", JSONB, nullable=False),  # its unified-domain values
+    Column("candidates", JSONB, nullable=False),  # [{side, key, unified_id, fields}]
+    Column("rule", Integer),  # index of the match rule that found them
+    Column("held", postgresql.ARRAY(Text), nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'open'")),
+    Column("chosen", Text),  # the candidate key linked, or NULL
+    Column("decided_by", Text),
+    Column(
+        "created_at", DateTime(timezone=True), nullable=False, server_default=func.now()
+    ),
+    Column("decided_at", DateTime(timezone=True)),
+    Index("ix_match_review_open", "entity", "status"),
+    schema="unified",
+)
+
 # What was done to the systems and by whom: write-backs with the target's
 # answer, operator commands. Checkpoint moves and resyncs are in
 # checkpoint_history; all are pruned after [ops] audit_retention_days.

@@ -396,6 +396,8 @@ async def _alone(
     at: dt.datetime,
 ) -> bool:
     """A record with no partner: its unified row, and a create on the other side."""
+    if side not in entity.settings.sources:
+        return False  # a one-way entity: this side's records stay where they are
     row = await engine.new_row(conn, entity, side, key)
     version = Version(at, side, "link")
     await engine.absorb(conn, entity, row, Change(side, "upsert", found, version))

@@ -282,6 +282,8 @@ class SyncEngine:
         *,
         own: bool = False,
     ) -> None:
+        if source not in entity.settings.sources:
+            return  # a one-way entity: this side's changes stay in its mirror
         deleted = after is None or (
             source == "salesforce" and bool(after.get("is_deleted"))
         )
@@ -317,11 +319,19 @@ class SyncEngine:
         echoes: list[PendingWrite] = []
         if changed:
             pending = await self._pending(conn, entity, source, row)
-            changed, echoes = split_echoes(
-                changed, pending, json_fields=set(entity.json_fields or ())
-            )
+            incoming = changed
+            json_fields = set(entity.json_fields or ())
+            changed, echoes = split_echoes(incoming, pending, json_fields=json_fields)
             if echoes:
                 await self._mark_echoed(conn, echoes)
+            for echo in echoes:
+                # Our value arrived at the field's owner and is still the
+                # unified value: from now on the owner holds it.
+                name = echo.field
+                if entity.rule.owner_of(name) == source and values_equal(
+                    incoming.get(name), row.get(name), json=name in json_fields
+                ):
+                    changed[name] = incoming[name]
         if not changed and not deleted:
             return
         change = Change(source, "delete" if deleted else "upsert", changed, version)
@@ -609,7 +619,13 @@ class SyncEngine:
         row: dict[str, Any],
         change: Change,
     ) -> Resolution:
-        """Resolve ``change`` against ``row``, store the outcome and log its conflicts."""
+        """Resolve ``change`` against ``row``, store the outcome and log its conflicts.
+
+        A change from a system that is no source of the entity (a one-way
+        entity) decides nothing.
+        """
+        if change.source not in entity.settings.sources:
+            return Resolution(_state_of(row), {}, (), {})
         resolution = resolve(_state_of(row), change, entity.rule)
         await self._store(conn, entity, row, resolution.state)
         for name, fs in resolution.state.fields.items():
@@ -756,18 +772,19 @@ class SyncEngine:
             "version": version_to_json(version),
             "unified": dict(unified),
         }
+        # the notification is delivered at commit: it wakes the outbox worker
         await conn.execute(
-            "INSERT INTO replicator.outbox (entity, target, target_key, operation, fields, "
-            "cause) VALUES ($1, $2, $3, $4, $5, $6)",
+            "WITH queued AS (INSERT INTO replicator.outbox (entity, target, target_key, "
+            "operation, fields, cause) VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1) "
+            "SELECT pg_notify($7, '') FROM queued",
             entity.name,
             target,
             key,
             operation,
             orjson.dumps(fields, default=_json_default).decode(),
             orjson.dumps(cause, default=_json_default).decode(),
+            OUTBOX_CHANNEL,
         )
-        # delivered at commit: wakes the outbox worker
-        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
 
     def _target_fields(
         self,

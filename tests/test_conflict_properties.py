@@ -136,11 +136,15 @@ def model_state(rule: EntityRule, changes: Sequence[Change]) -> UnifiedState:
         return UnifiedState({}, max(gone, key=rule.key))
     marks = [v for v in deletes if delete_effect(v, rule) == "mark"]
 
+    # Per field, the owner's values outrank the other system's; among equals
+    # the greatest version wins.
     fields: dict[str, FieldState] = {}
-    for change in sorted(changes, key=lambda c: rule.key(c.version)):
+    ranks: dict[str, tuple[bool, Any]] = {}
+    for change in changes:
         for name, value in change.fields.items():
-            owner = rule.owner_of(name)
-            if owner in (None, change.source):
+            rank = (change.source == rule.owner_of(name), rule.key(change.version))
+            if name not in ranks or rank > ranks[name]:
+                ranks[name] = rank
                 fields[name] = FieldState(value, change.version)
     return UnifiedState(fields, max(marks, key=rule.key) if marks else None)
 

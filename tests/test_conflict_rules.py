@@ -71,7 +71,17 @@ B0 = {
     "attributes": '{"tier": "silver"}',
 }
 B0_VERSION = Version(datetime(2024, 6, 1, tzinfo=UTC), "erp", "0/1000000")
-B0_STATE = UnifiedState({f: FieldState(v, B0_VERSION) for f, v in B0.items()})
+# Both systems held B0 when they were linked: an owned field carries its
+# owner's version (the owner holds the value), the others the ERP's.
+B0_SF_VERSION = Version(datetime(2024, 6, 1, tzinfo=UTC), "salesforce", "1")
+B0_STATE = UnifiedState(
+    {
+        f: FieldState(
+            v, B0_SF_VERSION if CUSTOMER.owner_of(f) == "salesforce" else B0_VERSION
+        )
+        for f, v in B0.items()
+    }
+)
 
 
 def at(seconds: float) -> datetime:
@@ -177,11 +187,21 @@ def test_non_owner_value_equal_to_owner_value_logs_nothing() -> None:
 def test_entity_owner_owns_fields_without_an_owner() -> None:
     rule = EntityRule("product", {}, owner="erp", delete_policy="propagate")
 
-    result = resolve(None, sf(0, 101, price="12.50"), rule)
+    first = resolve(None, sf(0, 101, price="12.50"), rule)
+    # the owner's later value, and an older one, both beat the other system's
+    owned = resolve(first.state, erp(-5, "0/1", price="11.00"), rule)
+    after = resolve(owned.state, sf(9, 102, price="13.00"), rule)
 
-    assert result.state.fields == {}
-    assert [(c.field, c.rule, c.kept_version) for c in result.conflicts] == [
-        ("price", "owner", None)
+    # until the owner sets it, the other system's value fills the field
+    assert first.state.fields["price"].value == "12.50"
+    assert first.conflicts == ()
+    assert owned.state.fields["price"].value == "11.00"
+    assert [(c.field, c.rule, c.discarded_value) for c in owned.conflicts] == [
+        ("price", "owner", "12.50")
+    ]
+    assert after.state.fields["price"].value == "11.00"
+    assert [(c.rule, c.discarded_value) for c in after.conflicts] == [
+        ("owner", "13.00")
     ]
 
 

@@ -311,7 +311,13 @@ class _Folder:
         for name in sorted(self.change.fields):
             value = self.change.fields[name]
             owner = self.rule.owner_of(name)
-            if owner is not None and owner != self.change.source:
+            current = self.fields.get(name)
+            if (
+                owner is not None
+                and owner != self.change.source
+                and current is not None
+                and current.version.source == owner
+            ):
                 self._reject_non_owner(name, value)
             else:
                 self._last_writer_wins(name, value)
@@ -350,10 +356,16 @@ class _Folder:
             self.accepted[name] = value
             return
 
-        new_key, current_key = self.rule.key(version), self.rule.key(current.version)
+        owner = self.rule.owner_of(name)
+        new_key = (version.source == owner, self.rule.key(version))
+        current_key = (current.version.source == owner, self.rule.key(current.version))
         if new_key == current_key:
             return
         same = self._equal(name, current.value, value)
+        # The owner's value beats the other system's whatever the times.
+        why: Literal["owner", "lww"] = (
+            "owner" if new_key[0] != current_key[0] else "lww"
+        )
 
         if new_key > current_key:
             # A newer equal value takes over version and text silently, so
@@ -362,13 +374,11 @@ class _Folder:
             if not same:
                 self.accepted[name] = value
                 self.conflicts.append(
-                    Conflict(
-                        name, value, version, current.value, current.version, "lww"
-                    )
+                    Conflict(name, value, version, current.value, current.version, why)
                 )
         elif not same:
             self.conflicts.append(
-                Conflict(name, current.value, current.version, value, version, "lww")
+                Conflict(name, current.value, current.version, value, version, why)
             )
 
 

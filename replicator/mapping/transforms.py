@@ -521,6 +521,12 @@ def _pairs(raw: str) -> list[tuple[str | int | bool, str | int | bool]]:
     return pairs
 
 
+def _as_text(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 @register("picklist")
 def _picklist(spec: Spec, context: TransformContext) -> tuple[Convert, Convert]:
     """Salesforce picklist value <-> ERP code, a one-to-one table.
@@ -540,14 +546,22 @@ def _picklist(spec: Spec, context: TransformContext) -> tuple[Convert, Convert]:
             "one-to-one so values round-trip"
         )
 
+    # Values also arrive as text (unified rows hold text): "0" is the code 0.
+    code_by_text = {_as_text(sf): code for sf, code in pairs}
+    value_by_text = {_as_text(code): sf for sf, code in pairs}
+
     def to_unified(value: Any) -> Any:
-        if (type(value), value) not in to_code:
-            raise Unmappable("not in the picklist table; add it")
-        return to_code[(type(value), value)]
+        if (type(value), value) in to_code:
+            return to_code[(type(value), value)]
+        if isinstance(value, str) and value in code_by_text:
+            return code_by_text[value]
+        raise Unmappable("not in the picklist table; add it")
 
     def from_unified(value: Any) -> Any:
-        if (type(value), value) not in to_value:
-            raise Unmappable("no picklist value has this code; add it")
-        return to_value[(type(value), value)]
+        if (type(value), value) in to_value:
+            return to_value[(type(value), value)]
+        if isinstance(value, str) and value in value_by_text:
+            return value_by_text[value]
+        raise Unmappable("no picklist value has this code; add it")
 
     return to_unified, from_unified

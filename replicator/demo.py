@@ -186,7 +186,12 @@ ORDER_LINE_MAPPING: dict[str, Any] = {
             "erp": "unit_price",
             "transform": "decimal(18,2)",
         },
-        {"name": "quantity", "salesforce": "Quantity", "erp": "quantity"},
+        {
+            "name": "quantity",
+            "salesforce": "Quantity",
+            "erp": "quantity",
+            "transform": "decimal(5,0,numeric)",
+        },
         {"name": "discount", "salesforce": "Discount__c", "erp": "discount"},
     ],
 }
@@ -558,15 +563,26 @@ async def _login(
 
 
 async def _wait_outbox(settings: Settings, stop: asyncio.Event) -> None:
-    """Wait until every write-back is done (or failed), at most a minute."""
+    """Wait until every write-back is done or failed, or the rest stops moving.
+
+    Rows can wait on something that never comes (an order whose account was
+    refused by Salesforce); after 5 s without progress the demo goes on and
+    says how many are left. A minute at most.
+    """
     conn = await asyncpg.connect(settings.replica.resolve())
     try:
         deadline = time.monotonic() + 60
+        last, moved = -1, time.monotonic()
         while time.monotonic() < deadline and not stop.is_set():
             pending = await conn.fetchval(
                 "SELECT count(*) FROM replicator.outbox WHERE status = 'pending'"
             )
             if not pending:
+                return
+            if pending != last:
+                last, moved = pending, time.monotonic()
+            elif time.monotonic() - moved > 5:
+                print(f"outbox: {pending} write-backs still pending", flush=True)
                 return
             await asyncio.sleep(0.3)
     finally:

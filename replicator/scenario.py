@@ -371,9 +371,9 @@ class FieldScenario:
                 },
             )
         order_id = await self._until_order_in_erp(marker, today)
-        await self._until_lines_in_erp(order_id)
-        await self._until_order_linked(order_sf, order_id)
         self.order = (order_sf, order_id)
+        await self._until_order_linked(order_sf, order_id)
+        await self._until_lines_in_erp(order_id)
         return (
             f"ERP order {order_id} for ALFKI with {len(ORDER_LINES)} lines; "
             f"ERP_Order_Id__c = {order_id}"
@@ -456,7 +456,7 @@ class FieldScenario:
     # -- (c) shipped date ------------------------------------------------------------
 
     async def shipped_date(self) -> str:
-        order_id = self.order[1] if self.order else await self._unshipped_order()
+        order_sf, order_id = self.order or await self._linked_unshipped_order()
         shipped = await self.erp.fetchval(
             "UPDATE orders SET shipped_date = current_date WHERE order_id = $1 "
             "RETURNING shipped_date",
@@ -465,13 +465,12 @@ class FieldScenario:
         want = dt.datetime.combine(shipped, dt.time(0), tzinfo=dt.UTC)
 
         async def check() -> tuple[bool, Any]:
-            records = await self.org.query(
-                "SELECT Id, Shipped_Date__c FROM Order "
-                f"WHERE ERP_Order_Id__c = '{order_id}'"
+            record = await self.org.call(
+                "GET", f"/sobjects/Order/{order_sf}?fields=Shipped_Date__c"
             )
-            seen = [r["Shipped_Date__c"] for r in records]
-            ok = len(seen) == 1 and seen[0] is not None
-            return ok and parse_sf_datetime(seen[0]) == want, f"Shipped_Date__c {seen}"
+            seen = record.get("Shipped_Date__c")
+            ok = seen is not None and parse_sf_datetime(seen) == want
+            return ok, f"Shipped_Date__c {seen!r}"
 
         await self._until(f"order {order_id} shipped {want:%Y-%m-%dT%H:%MZ}", check)
         return (
@@ -479,15 +478,21 @@ class FieldScenario:
             f"Shipped_Date__c {want:%Y-%m-%dT%H:%MZ}"
         )
 
-    async def _unshipped_order(self) -> int:
-        """Without the order of step (a): an unshipped Northwind order."""
+    async def _linked_unshipped_order(self) -> tuple[str, int]:
+        """Without the order of step (a): an unshipped order both systems hold."""
+        records = await self.org.query(
+            "SELECT Id, ERP_Order_Id__c FROM Order "
+            "WHERE ERP_Order_Id__c != null AND Shipped_Date__c = null"
+        )
+        linked = {int(r["ERP_Order_Id__c"]): str(r["Id"]) for r in records}
         order_id = await self.erp.fetchval(
-            "SELECT order_id FROM orders WHERE shipped_date IS NULL "
-            "AND customer_id IS NOT NULL ORDER BY order_id LIMIT 1"
+            "SELECT min(order_id) FROM orders WHERE shipped_date IS NULL "
+            "AND order_id = ANY($1::int[])",
+            list(linked),
         )
         if order_id is None:
-            raise _Failed("no unshipped ERP order to ship")
-        return int(order_id)
+            raise _Failed("no unshipped order is linked in both systems")
+        return linked[order_id], int(order_id)
 
     # -- (d) addresses ---------------------------------------------------------------
 

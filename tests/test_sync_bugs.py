@@ -227,8 +227,7 @@ async def b0_synced(
         ):
             await erp.execute(B0_INSERT)
             account = await until(lambda: account_of(org))
-            # Salesforce owns industry: the record created from the ERP has
-            # none until a Salesforce user sets B0's value
+            # B0: Salesforce, which owns industry, holds the same value
             await org.update("Account", account["Id"], Industry="Machinery")
             await until(
                 lambda: erp.fetchval(

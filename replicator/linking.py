@@ -15,19 +15,21 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
 
-from replicator.conflict import Change, Version
+from replicator.conflict import Change, Conflict, Version
 from replicator.mapping.matching import match
 from replicator.sources.salesforce.schema import snake
 from replicator.store.mirror import quote_ident
 from replicator.unified import (
+    OutboxEntry,
     SyncEngine,
     _Entity,
+    first_id,
     key_column,
     mirror_rows,
     other,
@@ -225,9 +227,10 @@ async def _pass(
             held.update(f"{c['side']}:{c['key']}" for c in candidates)
         report.to_review = len(reviews)
     now = dt.datetime.now(dt.UTC)
+    plan = _Plan()
     for erp_key, sf_id in pairs:
-        await _join(
-            engine, conn, entity, erp_key, values[("erp", erp_key)], sf_id,
+        _join(
+            engine, plan, entity, erp_key, values[("erp", erp_key)], sf_id,
             values[("salesforce", sf_id)], now,
         )  # fmt: skip
     paired_erp = {e for e, _ in pairs}
@@ -239,13 +242,12 @@ async def _pass(
         for key in free:
             if key in paired or f"{side}:{key}" in held:
                 continue
-            created = await _alone(
-                engine, conn, entity, side, key, values[(side, key)], now
-            )
+            created = _alone(engine, plan, entity, side, key, values[(side, key)], now)
             if created and side == "erp":
                 report.created_in_salesforce += 1
             elif created:
                 report.created_in_erp += 1
+    await plan.flush(engine, conn, entity)
 
 
 def _pairs_by_link(
@@ -361,9 +363,32 @@ async def _review(
     )
 
 
-async def _join(
+@dataclass(slots=True)
+class _Plan:
+    """Unified rows, conflict rows and writes of a pass, written in bulk."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[tuple[str, Conflict]] = field(default_factory=list)
+    outbox: list[OutboxEntry] = field(default_factory=list)
+
+    async def flush(
+        self, engine: SyncEngine, conn: asyncpg.Connection, entity: _Entity
+    ) -> None:
+        await engine.insert_rows(conn, entity, self.rows)
+        await engine.log_conflicts(conn, entity, self.conflicts)
+        await engine.queue(conn, self.outbox)
+        self.rows, self.conflicts, self.outbox = [], [], []
+
+    def fold(
+        self, engine: SyncEngine, entity: _Entity, row: dict[str, Any], change: Change
+    ) -> None:
+        result = engine.fold(entity, row, change)
+        self.conflicts += [(row["unified_id"], c) for c in result.conflicts]
+
+
+def _join(
     engine: SyncEngine,
-    conn: asyncpg.Connection,
+    plan: _Plan,
     entity: _Entity,
     erp_key: str,
     erp_values: dict[str, Any],
@@ -376,19 +401,24 @@ async def _join(
     Both versions carry the same time, so owners decide owned fields and the
     source precedence the others (``[sync] precedence``).
     """
-    row = await engine.new_row(conn, entity, "erp", erp_key, sf_id)
+    row: dict[str, Any] = {
+        "unified_id": first_id("erp", erp_key),
+        "sf_id": sf_id,
+        "erp_key": erp_key,
+        "versions": "{}",
+    }
     for side, found in (("erp", erp_values), ("salesforce", sf_values)):
         change = Change(side, "upsert", found, Version(at, side, "link"))
-        await engine.absorb(conn, entity, row, change)
+        plan.fold(engine, entity, row, change)
+    plan.rows.append(row)
     currents = {"erp": erp_values, "salesforce": sf_values}
-    await engine.write_differences(
-        conn, entity, row, currents, Version(at, "erp", "link")
-    )
+    version = Version(at, "erp", "link")
+    plan.outbox += engine.differences(entity, row, currents, version)
 
 
-async def _alone(
+def _alone(
     engine: SyncEngine,
-    conn: asyncpg.Connection,
+    plan: _Plan,
     entity: _Entity,
     side: str,
     key: str,
@@ -398,12 +428,17 @@ async def _alone(
     """A record with no partner: its unified row, and a create on the other side."""
     if side not in entity.settings.sources:
         return False  # a one-way entity: this side's records stay where they are
-    row = await engine.new_row(conn, entity, side, key)
+    row: dict[str, Any] = {
+        "unified_id": first_id(side, key),
+        "sf_id": key if side == "salesforce" else None,
+        "erp_key": key if side == "erp" else None,
+        "versions": "{}",
+    }
     version = Version(at, side, "link")
-    await engine.absorb(conn, entity, row, Change(side, "upsert", found, version))
-    creates = other(side) in entity.settings.targets
-    await engine.write_differences(conn, entity, row, {other(side): None}, version)
-    return creates
+    plan.fold(engine, entity, row, Change(side, "upsert", found, version))
+    plan.rows.append(row)
+    plan.outbox += engine.differences(entity, row, {other(side): None}, version)
+    return other(side) in entity.settings.targets
 
 
 async def match_live(
@@ -534,12 +569,16 @@ async def decide(
         record = await _current(engine, conn, entity, side, key)
         if record is None:
             return f"{side} record {key} is gone; nothing to link or create"
+        plan = _Plan()
         if chosen is None:
-            await _alone(engine, conn, entity, side, key, record, now)
+            _alone(engine, plan, entity, side, key, record, now)
             done = f"{entity.name}: {side} {key} will be created in {other(side)}"
         else:
-            await _link_chosen(engine, conn, entity, side, key, record, chosen, now)
+            await _link_chosen(
+                engine, conn, plan, entity, side, key, record, chosen, now
+            )
             done = f"{entity.name}: {side} {key} linked to {chosen['side']} {choice}"
+        await plan.flush(engine, conn, entity)
         for candidate in candidates:
             if candidate is chosen or candidate["unified_id"] is not None:
                 continue
@@ -568,6 +607,7 @@ async def _current(
 async def _link_chosen(
     engine: SyncEngine,
     conn: asyncpg.Connection,
+    plan: _Plan,
     entity: _Entity,
     side: str,
     key: str,
@@ -586,13 +626,13 @@ async def _link_chosen(
         return
     partner_values = await _current(engine, conn, entity, partner_side, partner)
     if partner_values is None:
-        await _alone(engine, conn, entity, side, key, record, at)
+        _alone(engine, plan, entity, side, key, record, at)
         return
     erp_key, sf_id = (key, partner) if side == "erp" else (partner, key)
     erp_values, sf_values = (
         (record, partner_values) if side == "erp" else (partner_values, record)
     )
-    await _join(engine, conn, entity, erp_key, erp_values, sf_id, sf_values, at)
+    _join(engine, plan, entity, erp_key, erp_values, sf_id, sf_values, at)
 
 
 async def _release(
@@ -616,4 +656,6 @@ async def _release(
         return
     record = await _current(engine, conn, entity, side, key)
     if record is not None:
-        await _alone(engine, conn, entity, side, key, record, at)
+        plan = _Plan()
+        _alone(engine, plan, entity, side, key, record, at)
+        await plan.flush(engine, conn, entity)

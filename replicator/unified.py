@@ -17,8 +17,8 @@ import contextlib
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -28,6 +28,7 @@ import orjson
 from replicator.config import Settings
 from replicator.conflict import (
     Change,
+    Conflict,
     EntityRule,
     FieldRule,
     FieldState,
@@ -52,6 +53,8 @@ from replicator.store.mirror import MirrorTable, mirror_name, quote_ident
 logger = logging.getLogger(__name__)
 
 UNIFIED_SCHEMA = "unified"
+# One outbox row: entity, target, target_key, operation, fields, cause (JSON).
+OutboxEntry = tuple[str, str, str, str, str, str]
 _DELETED = "__deleted__"
 _ECHO_HORIZON = dt.timedelta(hours=6)
 
@@ -85,6 +88,7 @@ class _Entity:
     erp_key: tuple[str, ...]
     validators: tuple[Rule, ...] = ()
     json_fields: frozenset[str] | None = None  # None: not read from the catalog yet
+    erp_types: dict[str, str] = field(default_factory=dict)  # field -> ERP type
 
     @property
     def name(self) -> str:
@@ -198,6 +202,9 @@ class SyncEngine:
             if str(types.get(f.erp, "")).lower() in ("json", "jsonb")
         )
         entity.json_fields = json_fields
+        entity.erp_types = {
+            f.name: str(types.get(f.erp, "")).lower() for f in entity.settings.fields
+        }
         entity.rule = self._rule(entity.settings, json_fields)
 
     # -- what the appliers call ---------------------------------------------------
@@ -253,6 +260,14 @@ class SyncEngine:
         if not await self.is_linked(conn, entity):
             return
         await self.ensure_types(conn, entity)
+        # Both appliers lock the rows they resolve in one order: no deadlock
+        # between a batch of the ERP and one of Salesforce.
+        await conn.execute(
+            f"SELECT unified_id FROM {entity.table} "
+            f"WHERE {key_column(source)} = ANY($1::text[]) ORDER BY unified_id "
+            "FOR UPDATE",
+            sorted(set(before) | set(after)),
+        )
         own = set(own_inserts)
         for key in sorted(set(before) | set(after)):
             await self._one(
@@ -401,7 +416,7 @@ class SyncEngine:
                     except TransformError as exc:
                         problems.append((field.name, value, f"transform: {exc}"))
                         continue
-            out[field.name] = _text(value)
+            out[field.name] = _unified_text(value, entity.erp_types.get(field.name, ""))
         complete = before is None
         missing_required = False
         for violation in validate(out, entity.validators, complete=complete):
@@ -535,19 +550,16 @@ class SyncEngine:
         source: str,
         key: str,
     ) -> None:
-        """Link ``row`` to the ``source`` record ``key``; pending creates become updates."""
+        """Link ``row`` to the ``source`` record ``key``.
+
+        Pending creates for it become updates when the sink resolves them
+        (it reads the key here); the outbox rows are not touched, so this
+        never waits for a worker holding them.
+        """
         await conn.execute(
             f"UPDATE {entity.table} SET {key_column(source)} = $1 WHERE unified_id = $2",
             key,
             row["unified_id"],
-        )
-        await conn.execute(
-            "UPDATE replicator.outbox SET target_key = $1 WHERE entity = $2 AND "
-            "target = $3 AND target_key = $4 AND status = 'pending'",
-            key,
-            entity.name,
-            source,
-            new_key(row["unified_id"]),
         )
 
     async def new_row(
@@ -577,9 +589,11 @@ class SyncEngine:
         row: Mapping[str, Any],
     ) -> list[PendingWrite]:
         rows = await conn.fetch(
-            "SELECT id, cause, echoed, created_at FROM replicator.outbox WHERE entity = $1 "
-            "AND target = $2 AND cause->>'unified_id' = $3 AND status <> 'failed' "
-            "AND created_at > now() - $4::interval ORDER BY id",
+            "SELECT o.id, o.cause, o.created_at, array(SELECT e.field FROM "
+            "replicator.outbox_echoes e WHERE e.outbox_id = o.id) AS echoed "
+            "FROM replicator.outbox o WHERE o.entity = $1 AND o.target = $2 "
+            "AND o.cause->>'unified_id' = $3 AND o.status <> 'failed' "
+            "AND o.created_at > now() - $4::interval ORDER BY o.id",
             entity.name,
             source,
             row["unified_id"],
@@ -589,7 +603,7 @@ class SyncEngine:
         self._outbox_ids = {}
         for r in rows:
             cause = orjson.loads(r["cause"])
-            echoed = orjson.loads(r["echoed"])
+            echoed = set(r["echoed"])
             for field, value in cause.get("unified", {}).items():
                 if field not in echoed:
                     write = PendingWrite(
@@ -606,11 +620,32 @@ class SyncEngine:
             outbox_id = self._outbox_ids.get(echo)
             if outbox_id is not None:
                 await conn.execute(
-                    "UPDATE replicator.outbox SET echoed = echoed || "
-                    "jsonb_build_object($2::text, true) WHERE id = $1",
+                    "INSERT INTO replicator.outbox_echoes (outbox_id, field) "
+                    "VALUES ($1, $2) ON CONFLICT DO NOTHING",
                     outbox_id,
                     echo.field,
                 )
+
+    def fold(self, entity: _Entity, row: dict[str, Any], change: Change) -> Resolution:
+        """Resolve ``change`` against ``row`` in memory; ``row`` takes the outcome.
+
+        A change from a system that is no source of the entity (a one-way
+        entity) decides nothing.
+        """
+        if change.source not in entity.settings.sources:
+            return Resolution(_state_of(row), {}, (), {})
+        resolution = resolve(_state_of(row), change, entity.rule)
+        for name in entity.rule.fields:
+            held = resolution.state.fields.get(name)
+            row[name] = None if held is None else _text(held.value)
+        row["versions"] = _versions_json(resolution.state)
+        row["deleted_at"] = (
+            resolution.state.deleted.commit_time if resolution.state.deleted else None
+        )
+        row["deleted_by"] = (
+            resolution.state.deleted.source if resolution.state.deleted else None
+        )
+        return resolution
 
     async def absorb(
         self,
@@ -619,35 +654,72 @@ class SyncEngine:
         row: dict[str, Any],
         change: Change,
     ) -> Resolution:
-        """Resolve ``change`` against ``row``, store the outcome and log its conflicts.
-
-        A change from a system that is no source of the entity (a one-way
-        entity) decides nothing.
-        """
-        if change.source not in entity.settings.sources:
-            return Resolution(_state_of(row), {}, (), {})
-        resolution = resolve(_state_of(row), change, entity.rule)
-        await self._store(conn, entity, row, resolution.state)
-        for name, fs in resolution.state.fields.items():
-            row[name] = _text(fs.value)
-        row["versions"] = _versions_json(resolution.state)
-        for conflict in resolution.conflicts:
-            await conn.execute(
-                "INSERT INTO replicator.conflicts (entity, entity_key, field, kept_value, "
-                "kept_source, kept_time, discarded_value, discarded_source, "
-                "discarded_time, rule) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                entity.name,
-                row["unified_id"],
-                conflict.field,
-                _text(conflict.kept_value),
-                conflict.kept_version.source if conflict.kept_version else None,
-                conflict.kept_version.commit_time if conflict.kept_version else None,
-                _text(conflict.discarded_value),
-                conflict.discarded_version.source,
-                conflict.discarded_version.commit_time,
-                conflict.rule,
+        """Resolve ``change`` against ``row``, store the outcome and log its conflicts."""
+        resolution = self.fold(entity, row, change)
+        if change.source in entity.settings.sources:
+            await self._store(conn, entity, row, resolution.state)
+            await self.log_conflicts(
+                conn, entity, [(row["unified_id"], c) for c in resolution.conflicts]
             )
         return resolution
+
+    async def log_conflicts(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        conflicts: Sequence[tuple[str, Conflict]],
+    ) -> None:
+        """Add the conflict log rows of ``conflicts`` (unified_id, decision)."""
+        if not conflicts:
+            return
+        await conn.executemany(
+            "INSERT INTO replicator.conflicts (entity, entity_key, field, kept_value, "
+            "kept_source, kept_time, discarded_value, discarded_source, "
+            "discarded_time, rule) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            [
+                (
+                    entity.name,
+                    unified_id,
+                    c.field,
+                    _text(c.kept_value),
+                    c.kept_version.source if c.kept_version else None,
+                    c.kept_version.commit_time if c.kept_version else None,
+                    _text(c.discarded_value),
+                    c.discarded_version.source,
+                    c.discarded_version.commit_time,
+                    c.rule,
+                )
+                for unified_id, c in conflicts
+            ],
+        )
+
+    async def insert_rows(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        rows: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Insert whole unified rows (keys, values, versions) in one pipelined call."""
+        if not rows:
+            return
+        names = [f.name for f in entity.settings.fields]
+        columns = ", ".join(
+            ["unified_id", "sf_id", "erp_key", *map(quote_ident, names), "versions"]
+        )
+        marks = ", ".join(f"${i + 1}" for i in range(len(names) + 4))
+        await conn.executemany(
+            f"INSERT INTO {entity.table} ({columns}) VALUES ({marks})",
+            [
+                (
+                    r["unified_id"],
+                    r.get("sf_id"),
+                    r.get("erp_key"),
+                    *(r.get(n) for n in names),
+                    r.get("versions") or "{}",
+                )
+                for r in rows
+            ],
+        )
 
     async def _store(
         self,
@@ -695,9 +767,10 @@ class SyncEngine:
             target = other(source)
             key = row[key_column(target)]
             if key and target in entity.settings.targets:
-                await self._outbox_row(
-                    conn, entity, target, key, "delete", {}, row, change.version, {}
+                entry = self._entry(
+                    entity, target, key, "delete", {}, row, change.version, {}
                 )
+                await self.queue(conn, [entry])
 
     async def write_differences(
         self,
@@ -707,32 +780,45 @@ class SyncEngine:
         currents: Mapping[str, Mapping[str, Any] | None],
         version: Version,
     ) -> None:
-        """Write to each target the unified values it does not hold yet.
+        """Queue to each target the unified values it does not hold yet."""
+        await self.queue(conn, self.differences(entity, row, currents, version))
+
+    def differences(
+        self,
+        entity: _Entity,
+        row: Mapping[str, Any],
+        currents: Mapping[str, Mapping[str, Any] | None],
+        version: Version,
+    ) -> list[OutboxEntry]:
+        """The writes that give each target the unified values it lacks.
 
         ``currents`` gives, per system, the unified-domain values of its
         record (None: it has no record: a create). Used when records are
         linked, where the two sides may differ in any field.
         """
         if row.get("deleted_at"):
-            return
+            return []
+        out = []
         for target in sorted(entity.settings.targets):
             if target not in currents:
                 continue
             current = currents[target]
             unified = {}
-            for field in entity.settings.fields:
-                value = row.get(field.name)
+            for mapped in entity.settings.fields:
+                value = row.get(mapped.name)
                 if current is None:
                     if value is not None:
-                        unified[field.name] = value
+                        unified[mapped.name] = value
                 elif not values_equal(
-                    current.get(field.name),
+                    current.get(mapped.name),
                     value,
-                    json=field.name in (entity.json_fields or ()),
+                    json=mapped.name in (entity.json_fields or ()),
                 ):
-                    unified[field.name] = value
-            if unified:
-                await self.put_outbox(conn, entity, target, row, unified, version)
+                    unified[mapped.name] = value
+            entry = self.upsert_entry(entity, target, row, unified, version)
+            if unified and entry is not None:
+                out.append(entry)
+        return out
 
     async def put_outbox(
         self,
@@ -744,17 +830,26 @@ class SyncEngine:
         version: Version,
     ) -> None:
         """Queue an upsert of ``unified`` values to ``target``, in its names and domain."""
+        entry = self.upsert_entry(entity, target, row, unified, version)
+        if entry is not None:
+            await self.queue(conn, [entry])
+
+    def upsert_entry(
+        self,
+        entity: _Entity,
+        target: str,
+        row: Mapping[str, Any],
+        unified: Mapping[str, Any],
+        version: Version,
+    ) -> OutboxEntry | None:
         fields = self._target_fields(entity, target, unified, row)
         if fields is None:
-            return
+            return None
         key = row[key_column(target)] or new_key(row["unified_id"])
-        await self._outbox_row(
-            conn, entity, target, key, "upsert", fields, row, version, unified
-        )
+        return self._entry(entity, target, key, "upsert", fields, row, version, unified)
 
-    async def _outbox_row(
+    def _entry(
         self,
-        conn: asyncpg.Connection,
         entity: _Entity,
         target: str,
         key: str,
@@ -763,7 +858,7 @@ class SyncEngine:
         row: Mapping[str, Any],
         version: Version,
         unified: Mapping[str, Any],
-    ) -> None:
+    ) -> OutboxEntry:
         cause = {
             "unified_id": row["unified_id"],
             "source": version.source,
@@ -772,19 +867,27 @@ class SyncEngine:
             "version": version_to_json(version),
             "unified": dict(unified),
         }
-        # the notification is delivered at commit: it wakes the outbox worker
-        await conn.execute(
-            "WITH queued AS (INSERT INTO replicator.outbox (entity, target, target_key, "
-            "operation, fields, cause) VALUES ($1, $2, $3, $4, $5, $6) RETURNING 1) "
-            "SELECT pg_notify($7, '') FROM queued",
+        return (
             entity.name,
             target,
             key,
             operation,
             orjson.dumps(fields, default=_json_default).decode(),
             orjson.dumps(cause, default=_json_default).decode(),
-            OUTBOX_CHANNEL,
         )
+
+    async def queue(
+        self, conn: asyncpg.Connection, entries: Sequence[OutboxEntry]
+    ) -> None:
+        """Insert outbox rows; the notification, delivered at commit, wakes the worker."""
+        if not entries:
+            return
+        await conn.executemany(
+            "INSERT INTO replicator.outbox (entity, target, target_key, operation, "
+            "fields, cause) VALUES ($1, $2, $3, $4, $5, $6)",
+            entries,
+        )
+        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
 
     def _target_fields(
         self,
@@ -834,6 +937,31 @@ class SyncEngine:
                 return None
             fields[entity.settings.external_id] = row["erp_key"]
         return fields or None
+
+
+_INTEGER_TYPES = ("smallint", "integer", "bigint", "int2", "int4", "int8")
+_DECIMAL_TYPES = ("numeric", "decimal", "real", "double precision", "float")
+
+
+def _unified_text(value: Any, erp_type: str) -> str | None:
+    """``value`` as unified text in the ERP column's type: 3.00 into a smallint is 3.
+
+    Numbers are written without trailing zeros, so the same amount read from
+    either system (12.50 from Salesforce, 12.5 from a float column) is one value.
+    """
+    text = _text(value)
+    if text is None or not erp_type.startswith(_INTEGER_TYPES + _DECIMAL_TYPES):
+        return text
+    try:
+        number = Decimal(text)
+    except ArithmeticError:
+        return text  # the ERP refuses it on write: the sink dead-letters it
+    if not number.is_finite():
+        return text
+    if erp_type.startswith(_INTEGER_TYPES) and number == number.to_integral_value():
+        return str(int(number))
+    normal = number.normalize()
+    return format(normal, "f") if normal != 0 else "0"
 
 
 async def mirror_rows(

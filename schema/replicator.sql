@@ -94,6 +94,12 @@ CREATE TABLE IF NOT EXISTS replicator.outbox (
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_key ON replicator.outbox (entity, target, target_key);
 CREATE INDEX IF NOT EXISTS ix_outbox_pending ON replicator.outbox (status, target, id);
+CREATE TABLE IF NOT EXISTS replicator.outbox_echoes (
+	outbox_id BIGINT NOT NULL, 
+	field TEXT NOT NULL, 
+	at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (outbox_id, field)
+);
 CREATE TABLE IF NOT EXISTS replicator.replica_identity (
 	id INTEGER DEFAULT 1 NOT NULL, 
 	checkpoints_oid BIGINT NOT NULL, 

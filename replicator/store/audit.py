@@ -31,6 +31,7 @@ async def prune(conn: asyncpg.Connection, retention: dt.timedelta) -> dict[str, 
         ("replicator.audit", "at", ""),
         ("replicator.checkpoint_history", "recorded_at", ""),
         ("replicator.outbox", "created_at", " AND status IN ('done', 'failed')"),
+        ("replicator.outbox_echoes", "at", ""),
     ):
         status = await conn.execute(
             f"DELETE FROM {table} WHERE {column} < now() - $1::interval{extra}",

@@ -145,6 +145,17 @@ outbox = Table(
     Index("ix_outbox_key", "entity", "target", "target_key"),
 )
 
+# Echoes of outbox writes that came back, by field. Kept apart from the
+# outbox rows so that recording one never waits for a sink worker holding
+# the row (no foreign key either: its check would lock the row).
+outbox_echoes = Table(
+    "outbox_echoes",
+    metadata,
+    Column("outbox_id", BigInteger, primary_key=True),
+    Column("field", Text, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
 # Mapped entities whose existing records have been linked across the two
 # systems (the initial pass at switch-on); resolution of live changes starts
 # for an entity once its row is here.

@@ -2,9 +2,12 @@
 
 Starts an embedded PostgreSQL (or uses ``$REPLICATOR_PG_DSN``) with the
 Northwind ERP and a replica database, and the Salesforce emulator serving the
-E-Bikes org on loopback. Both are mirrored into the replica while realistic
-traffic runs on each side; progress is shown each second, and the demo ends
-with a row-by-row verification of every mirror against its source.
+E-Bikes org plus the demo's ERP fields and accounts Northwind already holds.
+Both are mirrored and synced both ways (customers, products, orders, order
+lines) while realistic traffic runs on each side, then the field scenario of
+issue 5 runs step by step (``replicator.scenario``); the demo ends with a
+row-by-row verification of every mirror and of every entity across both
+systems.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from replicator.sources.erp.source import ErpPipeline
 from replicator.sources.salesforce.source import SalesforcePipeline
 from replicator.traffic import NorthwindTraffic, OrgRest, OrgTraffic
 from replicator.verify import print_reports, verify_erp, verify_sf
+from replicator.verify_unified import verify_entities
 
 logger = logging.getLogger(__name__)
 
@@ -372,9 +376,12 @@ async def _demo(args: argparse.Namespace) -> int:
             )
             await erp.close()
             print(
-                "verifying every mirror against its source, row by row ...", flush=True
+                "verifying every mirror against its source, row by row, and every "
+                "entity across both systems ...",
+                flush=True,
             )
             reports = await verify_erp(settings) + await verify_sf(settings)
+            reports += await verify_entities(settings)
         verified = print_reports(reports)
         return 0 if verified and scenario_ok else 1
     finally:

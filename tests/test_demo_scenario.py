@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import tomllib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -190,45 +191,97 @@ async def test_field_scenario_runs_end_to_end(
         await replica.close()
         await erp.close()
 
-    by_code = {a["ERP_Customer_Id__c"]: a for a in accounts if a["ERP_Customer_Id__c"]}
-    failed = [line for line in lines if "FAIL" in line]
-    assert failed == [], "\n".join(lines)
+    assert [line for line in lines if "FAIL" in line] == [], "\n".join(lines)
     assert all(r.passed for r in results)
-    # (f) the seeded accounts hold their customers' keys; the ambiguous pair
-    # is in review, unlinked, and neither side got a duplicate
-    assert {code: by_code[code]["Name"] for code in LINKED} == LINKED
-    twins = [a for a in accounts if a["Name"].startswith(AMBIGUOUS[1])]
+    seen = _Seen(accounts, orders, products, erp_state, review, conflicts)
+    _assert_linked(seen)
+    _assert_products(seen)
+    _assert_order_and_shipping(seen)
+    _assert_address(seen)
+    _assert_conflict_logged(seen)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """Both systems and the replica, read after the scenario."""
+
+    accounts: list[dict[str, Any]]
+    orders: list[dict[str, Any]]
+    products: list[dict[str, Any]]
+    erp: dict[str, Any]
+    review: list[asyncpg.Record]
+    conflicts: list[asyncpg.Record]
+
+    def account(self, code: str) -> dict[str, Any]:
+        """The seeded account of a linked customer, by its name (Salesforce's)."""
+        [found] = [a for a in self.accounts if a["Name"] == LINKED[code]]
+        return found
+
+
+def _assert_linked(seen: _Seen) -> None:
+    """(f) Seeded accounts hold their customers' keys, once; the ambiguous pair
+    is in review, unlinked, and neither side got a duplicate."""
+    holders = {
+        code: [a["Name"] for a in seen.accounts if a["ERP_Customer_Id__c"] == code]
+        for code in LINKED
+    }
+    twins = [a for a in seen.accounts if a["Name"].startswith(AMBIGUOUS[1])]
+
+    assert holders == {code: [name] for code, name in LINKED.items()}
     assert [a["ERP_Customer_Id__c"] for a in twins] == [None, None]
-    assert [r["status"] for r in review] == ["open"]
-    assert all(a["Id"] in review[0]["candidates"] for a in twins)
-    assert erp_state["wartian"] == [AMBIGUOUS[0]]
-    # (b) price and stock as the ERP holds them, exact; active as not discontinued
-    by_product = {int(p["ERP_Product_Id__c"]): p for p in products}
-    for product_id, price, stock, discontinued in erp_state["products"]:
-        assert Decimal(str(by_product[product_id]["Units_In_Stock__c"])) == stock
-        assert by_product[product_id]["IsActive"] is (discontinued == 0)
+    assert [r["status"] for r in seen.review] == ["open"]
+    assert all(a["Id"] in seen.review[0]["candidates"] for a in twins)
+    assert seen.erp["wartian"] == [AMBIGUOUS[0]]
+
+
+def _assert_products(seen: _Seen) -> None:
+    """(b) Stock and the price (exact) as the ERP holds them; IsActive is not
+    discontinued."""
+    by_product = {int(p["ERP_Product_Id__c"]): p for p in seen.products}
+    for product_id, price, stock, discontinued in seen.erp["products"]:
+        record = by_product[product_id]
+        assert Decimal(str(record["Units_In_Stock__c"])) == stock
+        assert record["IsActive"] is (discontinued == 0)
         if product_id == 3:
-            assert Decimal(str(by_product[3]["Unit_Price__c"])) == price
-    # (a) and (c) the order reached the ERP with its lines and was shipped back
-    [order] = orders
-    assert order["AccountId"] == by_code["ALFKI"]["Id"]
-    assert erp_state["order"]["customer_id"] == "ALFKI"
-    assert erp_state["lines"] == [(p, pr, q, d) for p, pr, q, d in ORDER_LINES]
-    shipped = erp_state["order"]["shipped_date"]
+            assert Decimal(str(record["Unit_Price__c"])) == price
+
+
+def _assert_order_and_shipping(seen: _Seen) -> None:
+    """(a) The Salesforce order is in the ERP with its lines; (c) its shipped
+    date came back as midnight UTC."""
+    [order] = seen.orders
+    shipped = seen.erp["order"]["shipped_date"]
+
+    assert order["AccountId"] == seen.account("ALFKI")["Id"]
+    assert seen.erp["order"]["customer_id"] == "ALFKI"
+    assert seen.erp["lines"] == list(ORDER_LINES)
     assert parse_sf_datetime(order["Shipped_Date__c"]) == dt.datetime.combine(
         shipped, dt.time(0), tzinfo=dt.UTC
     )
-    # (d) the ERP's last address, transformed for Salesforce
-    around = by_code["AROUT"]
-    assert erp_state["arout"] == ("120 Hanover Sq.", "London", None, "WA1 1DP", "UK")
-    assert (around["BillingCity"], around["BillingState"]) == ("London", None)
-    assert (around["BillingPostalCode"], around["BillingCountry"]) == ("WA1 1DP", "GB")
-    # (e) both sides agree on the ERP's phone; Salesforce's is in the log
-    assert by_code["GREAL"]["Phone"] == erp_state["greal_phone"]
-    logged = [tuple(c) for c in conflicts]
-    assert [(k, ks, ds, rule) for k, ks, _, ds, rule in logged] == [
-        (erp_state["greal_phone"], "erp", "salesforce", "lww")
+
+
+def _assert_address(seen: _Seen) -> None:
+    """(d) The ERP's last address, the country as an ISO code in Salesforce."""
+    around = seen.account("AROUT")
+    street, city, region, postal = "120 Hanover Sq.", "London", None, "WA1 1DP"
+
+    assert seen.erp["arout"] == (street, city, region, postal, "UK")
+    assert (around["BillingStreet"], around["BillingCity"]) == (street, city)
+    assert (around["BillingState"], around["BillingPostalCode"]) == (region, postal)
+    assert around["BillingCountry"] == "GB"
+
+
+def _assert_conflict_logged(seen: _Seen) -> None:
+    """(e) Both systems hold the ERP's phone (precedence in one tie window);
+    Salesforce's is in the conflict log."""
+    phone = seen.erp["greal_phone"]
+    logged = [
+        (r["kept_value"], r["kept_source"], r["discarded_source"], r["rule"])
+        for r in seen.conflicts
     ]
+
+    assert seen.account("GREAL")["Phone"] == phone
+    assert logged == [(phone, "erp", "salesforce", "lww")]
 
 
 async def _erp_state(

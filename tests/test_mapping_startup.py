@@ -150,6 +150,7 @@ def config_data(
                 "salesforce": "Account",
                 "erp": "public.customer",
                 "external_id": "ERP_Customer_Code__c",
+                "erp_new_key": "code(name)",
                 "fields": fields,
                 **(entity or {}),
             }
@@ -345,11 +346,6 @@ async def test_check_lists_each_problem_as_a_failed_item(
     assert "(boolean) cannot map onto" in failed[0].detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schema_check maps a Long Text Area (text) onto jsonb (json) only "
-    "through a transform, and no transform joins text and json",
-)
 async def test_a_long_text_area_onto_a_jsonb_column_passes(
     erp_case: ErpCase, served: Served
 ) -> None:

@@ -82,6 +82,7 @@ def _customer(**changes: Any) -> EntitySettings:
         "erp": "public.customers",
         "external_id": "ERP_Customer_Id__c",
         "erp_sf_id_column": "sf_account_id",
+        "erp_new_key": "code(company_name)",
         "owner": "salesforce",
         "fields": [
             {"name": "company_name", "salesforce": "Name", "erp": "company_name"},
@@ -94,6 +95,9 @@ def _customer(**changes: Any) -> EntitySettings:
         ],
     }  # fmt: skip
     data.update(changes)
+    names = [f["name"] for f in data["fields"] if isinstance(f, dict)]
+    if "erp_new_key" not in changes and "company_name" not in names and names:
+        data["erp_new_key"] = f"code({names[0]})"  # a variant without the name
     return EntitySettings.model_validate(data)
 
 
@@ -287,3 +291,18 @@ def test_context_is_used_to_build_transforms() -> None:
     context = TransformContext(us_states={"Oregon": "OR"})
 
     assert check_mapping([_customer()], _describes(), TABLES, context) == []
+
+
+def test_text_erp_key_without_a_generator_is_one_line() -> None:
+    """Records created in Salesforce need an ERP key: max + 1 cannot make a text one."""
+    problems = check_mapping([_customer(erp_new_key=None)], _describes(), TABLES)
+    to_salesforce = check_mapping(
+        [_customer(erp_new_key=None, direction="to_salesforce", owner=None)],
+        _describes(),
+        TABLES,
+    )
+
+    assert len(problems) == 1
+    assert "the ERP key customer_id is not a number" in problems[0]
+    assert 'erp_new_key = "code(<a text field>)"' in problems[0]
+    assert to_salesforce == []

@@ -108,10 +108,12 @@ def check_mapping(
             problems += _external_id(where, entity, sf_fields)
         if table is not None:
             problems += _sf_id_column(where, entity, table)
+            problems += _new_keys(where, entity, table)
+        objects = {e.name: e.salesforce for e in entities}
         for position, mapped in enumerate(entity.fields):
             problems += _field(
                 f"{where} fields[{position}] {mapped.name!r}",
-                entity, mapped, sf_fields, table, context,
+                entity, mapped, sf_fields, table, context, objects,
             )  # fmt: skip
     return problems
 
@@ -186,6 +188,36 @@ def _sf_id_column(where: str, entity: EntitySettings, table: TableInfo) -> list[
     return []
 
 
+def _new_keys(where: str, entity: EntitySettings, table: TableInfo) -> list[str]:
+    """A record created from Salesforce needs an ERP key: mapped, or generated."""
+    if "erp" not in entity.targets or not table.key:
+        return []
+    mapped = {f.erp for f in entity.fields}
+    if all(column in mapped for column in table.key):
+        return []  # keyed by its fields (an order line by its order and product)
+    key = ", ".join(table.key)
+    columns = [table.columns.get(c) for c in table.key]
+    kinds = {erp_kind(c) if c is not None else None for c in columns}
+    spec = entity.erp_new_key
+    if len(table.key) > 1:
+        return [
+            f"{where}: the ERP key ({key}) has several columns that are not all "
+            "mapped fields; map each key column, or set direction = 'to_salesforce'"
+        ]
+    if spec in (None, "next") and kinds != {"number"}:
+        return [
+            f"{where}: the ERP key {key} is not a number, so records created in "
+            'Salesforce cannot take max + 1; set erp_new_key = "code(<a text '
+            "field>)\" or direction = 'to_salesforce'"
+        ]
+    if spec is not None and spec.startswith("code(") and kinds != {"text"}:
+        return [
+            f"{where}: erp_new_key = {spec!r} makes letter codes but the ERP key "
+            f"{key} is not text; use erp_new_key = 'next'"
+        ]
+    return []
+
+
 def _field(
     where: str,
     entity: EntitySettings,
@@ -193,6 +225,7 @@ def _field(
     sf_fields: Mapping[str, Mapping[str, Any]] | None,
     table: TableInfo | None,
     context: TransformContext | None,
+    objects: Mapping[str, str] | None = None,
 ) -> list[str]:
     problems = []
     sf_field = column = None
@@ -213,9 +246,31 @@ def _field(
                 f"{where}: erp = {mapped.erp!r} is not a column of {entity.erp}; "
                 f"fix the column name{_close(mapped.erp, table.columns)}"
             )
-    if sf_field is not None and column is not None:
+    if sf_field is not None and mapped.reference is not None:
+        problems += _reference(where, entity, mapped, sf_field, objects or {})
+    elif sf_field is not None and column is not None:
         problems += _types(where, entity, mapped, sf_field, column, context)
     return problems
+
+
+def _reference(
+    where: str,
+    entity: EntitySettings,
+    mapped: FieldMap,
+    field: Mapping[str, Any],
+    objects: Mapping[str, str],
+) -> list[str]:
+    """A reference field holds Ids of the referenced entity's object; the ERP any key."""
+    target = objects.get(mapped.reference or "")
+    pointing = [str(o) for o in field.get("referenceTo") or ()]
+    if field.get("type") != "reference" or (target and target not in pointing):
+        return [
+            f"{where}: {entity.salesforce}.{mapped.salesforce} does not refer to "
+            f"{target or mapped.reference!r} records (it is {field.get('type')}"
+            + (f" to {', '.join(pointing)}" if pointing else "")
+            + "); map the lookup field to that object, or remove reference"
+        ]
+    return []
 
 
 def _writable(
@@ -257,8 +312,8 @@ def _types(
         ]
     transform = entity.transform(mapped.name, context) if mapped.transform else None
     if transform is None:
-        if sf_kind == db_kind:
-            return []
+        if sf_kind == db_kind or (sf_kind, db_kind) == ("text", "json"):
+            return []  # a long text holds JSON; it is compared as JSON
         hint = _SUGGEST.get((sf_kind, db_kind))
         fix = f"add transform = {hint!r}" if hint else "map columns of matching types"
         return [

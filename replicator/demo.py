@@ -190,12 +190,7 @@ ORDER_LINE_MAPPING: dict[str, Any] = {
             "erp": "unit_price",
             "transform": "decimal(18,2)",
         },
-        {
-            "name": "quantity",
-            "salesforce": "Quantity",
-            "erp": "quantity",
-            "transform": "decimal(5,0,numeric)",
-        },
+        {"name": "quantity", "salesforce": "Quantity", "erp": "quantity"},
         {"name": "discount", "salesforce": "Discount__c", "erp": "discount"},
     ],
 }

@@ -237,7 +237,8 @@ class FieldScenario:
         for code, name in LINKED.items():
             holders = [a["Name"] for a in accounts if a["ERP_Customer_Id__c"] == code]
             if holders != [name]:
-                problems.append(f"{code} held by {holders}")
+                held = ", ".join(map(repr, holders)) or "no account"
+                problems.append(f"ERP_Customer_Id__c {code} on {held}, want {name!r}")
         duplicates = await self.erp.fetch(
             "SELECT customer_id FROM customers WHERE company_name = ANY($1::text[]) "
             "AND customer_id <> ALL($2::text[])",

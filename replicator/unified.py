@@ -102,6 +102,10 @@ class _Entity:
         return field.erp if source == "erp" else snake(field.salesforce)
 
 
+# find_row's answer for a record whose link names a record linked elsewhere
+DUPLICATE: dict[str, Any] = {"unified_id": None}
+
+
 def key_column(source: str) -> str:
     """The unified table's column holding a record's key in ``source``."""
     return "erp_key" if source == "erp" else "sf_id"
@@ -306,6 +310,8 @@ class SyncEngine:
             return
         version = Version(commit_time, source, position)
         row = await self.find_row(conn, entity, source, key, after)
+        if row is DUPLICATE:
+            return
         if row is None:
             if deleted or after is None or own:
                 # a record we never linked is gone: nothing to tell; or our
@@ -533,12 +539,22 @@ class SyncEngine:
             return None
         column = key_column(other(source))
         row = await conn.fetchrow(
-            f"SELECT * FROM {entity.table} WHERE {column} = $1 "
-            f"AND {key_column(source)} IS NULL FOR UPDATE",
+            f"SELECT * FROM {entity.table} WHERE {column} = $1 FOR UPDATE",
             str(link),
         )
         if row is None:
             return None
+        linked = row[key_column(source)]
+        if linked == key:
+            return dict(row)  # linked meanwhile (the sink stored our create)
+        if linked is not None:
+            await self._quarantine(
+                conn, entity, source, key, None, "link",
+                link,
+                f"it names {other(source)} record {link}, which is linked to "
+                f"{source} record {linked}; merge the duplicates, then retry",
+            )  # fmt: skip
+            return DUPLICATE
         await self.set_key(conn, entity, dict(row), source, key)
         return {**dict(row), key_column(source): key}
 
@@ -573,12 +589,21 @@ class SyncEngine:
         """Insert a unified row for a record first seen in ``source`` (and its partner)."""
         unified_id = first_id(source, key)
         keys = {key_column(source): key, key_column(other(source)): other_key}
-        await conn.execute(
-            f"INSERT INTO {entity.table} (unified_id, sf_id, erp_key) VALUES ($1, $2, $3)",
+        inserted = await conn.fetchval(
+            f"INSERT INTO {entity.table} (unified_id, sf_id, erp_key) VALUES ($1, $2, $3) "
+            "ON CONFLICT DO NOTHING RETURNING unified_id",
             unified_id,
             keys["sf_id"],
             keys["erp_key"],
         )
+        if inserted is None:  # linked meanwhile by another session: use that row
+            row = await conn.fetchrow(
+                f"SELECT * FROM {entity.table} WHERE {key_column(source)} = $1 "
+                "FOR UPDATE",
+                key,
+            )
+            if row is not None:
+                return dict(row)
         return {"unified_id": unified_id, **keys, "versions": "{}", "_new": True}
 
     async def _pending(

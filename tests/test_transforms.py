@@ -336,8 +336,13 @@ def test_picklist_types_booleans_and_integers() -> None:
 
     assert active.to_unified(True) == 0
     assert active.from_unified(1) is False
+    # unified rows hold text: "1" is the code 1, "true" the value True
+    assert active.from_unified("1") is False
+    assert active.to_unified("true") == 0
     with pytest.raises(TransformError):
-        active.from_unified("1")
+        active.from_unified("2")
+    with pytest.raises(TransformError):
+        active.from_unified(1.5)
 
 
 def test_picklist_must_be_one_to_one() -> None:
@@ -388,3 +393,13 @@ def test_a_registered_transform_is_built_by_name() -> None:
         assert "yes_no_test" in transforms.names()
     finally:
         transforms._REGISTRY.pop("yes_no_test")
+
+
+def test_country_iso_reads_names_from_orgs_without_country_picklists() -> None:
+    country = build("country_iso")
+
+    assert country.to_unified("USA") == "USA"
+    assert country.to_unified("Germany") == "Germany"
+    assert country.to_unified("de") == "Germany"
+    with pytest.raises(TransformError):
+        country.to_unified("Atlantis")

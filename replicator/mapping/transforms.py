@@ -324,9 +324,11 @@ def _country_iso(spec: Spec, context: TransformContext) -> tuple[Convert, Conver
         to_code[_fold(name)] = code
 
     def to_unified(value: Any) -> str:
-        code = _text(value, "an ISO country code").strip().upper()
-        if code not in to_name:
-            raise Unmappable("not an ISO 3166-1 alpha-2 country code")
+        text = _text(value, "an ISO country code").strip()
+        # Orgs without country picklists hold names too ("USA", "Germany").
+        code = text.upper() if text.upper() in to_name else to_code.get(_fold(text))
+        if code is None:
+            raise Unmappable("neither an ISO 3166-1 alpha-2 code nor a known country")
         return to_name[code]
 
     def from_unified(value: Any) -> str:

@@ -35,7 +35,9 @@ from replicator.unified import SyncEngine
 logger = logging.getLogger(__name__)
 
 SF_SCHEMA = "sf"
-_SOQL_IDS = 200  # ids per "WHERE Id IN (...)": with a field list, well under 8 kB of URL
+_SOQL_IDS = (
+    200  # ids per "WHERE Id IN (...)": with a field list, well under 8 kB of URL
+)
 
 
 def channel_for(object_name: str) -> str:
@@ -234,23 +236,71 @@ class SfApplier:
 
     async def reread(self, object_name: str, ids: set[str]) -> None:
         """Make the mirror equal to the org for ``ids`` (a dead letter retried)."""
+        state = self.objects[object_name]
         async with self.store.conn.transaction():
-            await self._refetch(self.objects[object_name], ids)
+            before = await self._mapped_rows(state, ids)
+            await self._refetch(state, ids)
+            await self._resolve_rows(state, ids, before, {}, "reread")
 
     async def _upsert_records(
         self, state: _ObjectState, records: list[dict[str, Any]]
     ) -> int:
-        """Write full records unless the mirror already holds a newer version."""
+        """Write full records unless the mirror already holds a newer version.
+
+        Records read over REST (catch-up after downtime or a GAP_OVERFLOW)
+        are changes like any event: a mapped object's go to resolution too.
+        """
         stored = await self._modstamps(state, [r["Id"] for r in records])
         changes = TableChanges(state.table)
+        times: dict[str, dt.datetime] = {}
         for record in records:
             modstamp = _parse_sf_time(record.get("SystemModstamp"))
             current = stored.get(record["Id"])
             if current is not None and modstamp is not None and modstamp < current:
                 continue
             changes.put((record["Id"],), self._full_row(state.shape, record))
+            if modstamp is not None:
+                times[record["Id"]] = modstamp
+        ids = {str(key[0]) for key in changes.rows}
+        before = await self._mapped_rows(state, ids)
         await self.store.apply(changes)
+        await self._resolve_rows(state, ids, before, times, "catch-up")
         return len(changes.rows)
+
+    async def _mapped_rows(
+        self, state: _ObjectState, ids: Iterable[str]
+    ) -> dict[str, dict[str, Any]] | None:
+        """The mirror rows of ``ids`` before a change, if the object is mapped."""
+        if self.sync is None or not self.sync.watches(
+            "salesforce", state.shape.object_name
+        ):
+            return None
+        return await self.sync.snapshot(
+            self.store.conn, state.table, [(i,) for i in ids]
+        )
+
+    async def _resolve_rows(
+        self,
+        state: _ObjectState,
+        ids: Iterable[str],
+        before: dict[str, dict[str, Any]] | None,
+        times: dict[str, dt.datetime],
+        position: str,
+    ) -> None:
+        if before is None or self.sync is None:
+            return
+        after = await self.sync.snapshot(
+            self.store.conn, state.table, [(i,) for i in ids]
+        )
+        await self.sync.on_rows(
+            self.store.conn,
+            "salesforce",
+            state.shape.object_name,
+            before,
+            after,
+            times,
+            position,
+        )
 
     async def _modstamps(
         self, state: _ObjectState, ids: Iterable[str]

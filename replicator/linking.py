@@ -12,7 +12,9 @@ with no link go through the same rules (``match_live``). Decisions are pure
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -132,26 +134,33 @@ async def initial_link(
             },
         )
         return None
-    report = LinkReport(entity.name)
-    async with conn.transaction():
-        # Writers of either mirror wait until the pass commits, and their
-        # resolution then sees the entity linked: no change falls between.
-        await conn.execute(
-            f"LOCK TABLE {erp_mirror.qualified}, {sf_mirror.qualified} IN SHARE MODE"
-        )
-        await conn.execute(f"LOCK TABLE {entity.table} IN EXCLUSIVE MODE")
-        if await engine.is_linked(conn, entity):
-            return None
-        await engine.ensure_types(conn, entity)
-        await _pass(engine, conn, entity, erp_mirror, sf_mirror, report)
-        await conn.execute(
-            "INSERT INTO replicator.sync_entities (entity, linked_at, details) "
-            "VALUES ($1, now(), $2::text::jsonb)",
-            entity.name,
-            orjson.dumps(
-                {k: getattr(report, k) for k in LinkReport.__slots__ if k != "entity"}
-            ).decode(),
-        )
+    for attempt in itertools.count(1):
+        report = LinkReport(entity.name)
+        try:
+            async with conn.transaction():
+                if not await _lock(conn, entity, erp_mirror, sf_mirror):
+                    return None
+                await engine.ensure_types(conn, entity)
+                await _pass(engine, conn, entity, erp_mirror, sf_mirror, report)
+                await conn.execute(
+                    "INSERT INTO replicator.sync_entities (entity, linked_at, "
+                    "details) VALUES ($1, now(), $2::text::jsonb)",
+                    entity.name,
+                    orjson.dumps(
+                        {k: getattr(report, k) for k in LinkReport.__slots__[1:]}
+                    ).decode(),
+                )
+            break
+        except (
+            asyncpg.exceptions.LockNotAvailableError,
+            asyncpg.exceptions.DeadlockDetectedError,
+        ):
+            # the appliers go first; the pass waits for a quiet moment
+            logger.info(
+                "entity link waits for the appliers",
+                extra={"entity": entity.name, "attempt": attempt},
+            )
+            await asyncio.sleep(min(2.0, 0.1 * attempt))
     engine.linked.add(entity.name)
     logger.info(
         "entity linked: %s paired by link, %s by match rules, %s to review, "
@@ -164,6 +173,28 @@ async def initial_link(
         extra={"entity": entity.name},
     )
     return report
+
+
+async def _lock(
+    conn: asyncpg.Connection, entity: _Entity, erp_mirror: _Mirror, sf_mirror: _Mirror
+) -> bool:
+    """Lock both mirrors and the unified table; False if the entity got linked.
+
+    Writers of either mirror then wait until the pass commits, and their
+    resolution sees the entity linked: no change falls between. The locks
+    are given up after a short wait (the caller tries again), so an applier
+    that holds one mirror and waits for a row the other applier holds is
+    never the one a deadlock aborts.
+    """
+    await conn.execute("SET LOCAL lock_timeout = '500ms'")
+    await conn.execute(
+        f"LOCK TABLE {erp_mirror.qualified}, {sf_mirror.qualified} IN SHARE MODE"
+    )
+    await conn.execute(f"LOCK TABLE {entity.table} IN EXCLUSIVE MODE")
+    await conn.execute("SET LOCAL lock_timeout = 0")
+    return not await conn.fetchval(
+        "SELECT 1 FROM replicator.sync_entities WHERE entity = $1", entity.name
+    )
 
 
 async def _pass(
@@ -228,10 +259,16 @@ async def _pass(
         report.to_review = len(reviews)
     now = dt.datetime.now(dt.UTC)
     plan = _Plan()
+    external = snake(entity.settings.external_id)
+    column = entity.settings.erp_sf_id_column
     for erp_key, sf_id in pairs:
+        links = {
+            "salesforce": sf_rows[sf_id].get(external),
+            "erp": erp_rows[erp_key].get(column) if column else None,
+        }
         _join(
             engine, plan, entity, erp_key, values[("erp", erp_key)], sf_id,
-            values[("salesforce", sf_id)], now,
+            values[("salesforce", sf_id)], now, links,
         )  # fmt: skip
     paired_erp = {e for e, _ in pairs}
     paired_sf = {s for _, s in pairs}
@@ -395,6 +432,7 @@ def _join(
     sf_id: str,
     sf_values: dict[str, Any],
     at: dt.datetime,
+    links: Mapping[str, Any],
 ) -> None:
     """One unified row for two records: the rules merge them, each side gets the rest.
 
@@ -408,12 +446,40 @@ def _join(
         "versions": "{}",
     }
     for side, found in (("erp", erp_values), ("salesforce", sf_values)):
-        change = Change(side, "upsert", found, Version(at, side, "link"))
+        change = Change(side, "upsert", _present(found), Version(at, side, "link"))
         plan.fold(engine, entity, row, change)
     plan.rows.append(row)
     currents = {"erp": erp_values, "salesforce": sf_values}
     version = Version(at, "erp", "link")
     plan.outbox += engine.differences(entity, row, currents, version)
+    plan.outbox += _link_entries(engine, entity, row, links, version)
+
+
+def _link_entries(
+    engine: SyncEngine,
+    entity: _Entity,
+    row: Mapping[str, Any],
+    links: Mapping[str, Any],
+    version: Version,
+) -> list[OutboxEntry]:
+    """Writes that store the link in the systems themselves, where it is missing.
+
+    ``links`` holds what the records carry now: the Salesforce external id
+    (``salesforce``) and the ERP's Salesforce Id column (``erp``).
+    """
+    out = []
+    settings = entity.settings
+    stored = str(links.get("salesforce") or "")
+    if "salesforce" in settings.targets and stored != str(row["erp_key"]):
+        fields = {settings.external_id: row["erp_key"]}
+        out.append(
+            engine.entry(entity, "salesforce", row["sf_id"], fields, row, version)
+        )
+    column = settings.erp_sf_id_column
+    if column and "erp" in settings.targets and links.get("erp") != row["sf_id"]:
+        fields = {column: row["sf_id"]}
+        out.append(engine.entry(entity, "erp", row["erp_key"], fields, row, version))
+    return out
 
 
 def _alone(
@@ -476,7 +542,8 @@ async def match_live(
         await _review(conn, entity, source, key, found, listed, rule)
         return True
     row = dict(result.candidates[0])
-    await _link_to_row(engine, conn, entity, row, source, key, found, version)
+    if not await _link_to_row(engine, conn, entity, row, source, key, found, version):
+        return False  # its partner got linked meanwhile: a record of its own
     logger.info(
         "linked by match rule %s instead of creating a duplicate",
         result.rule,
@@ -494,16 +561,30 @@ async def _link_to_row(
     key: str,
     found: dict[str, Any],
     version: Version,
-) -> None:
-    """Link record ``key`` of ``source`` to the unified ``row`` of a one-sided record."""
-    await conn.execute(
-        f"SELECT 1 FROM {entity.table} WHERE unified_id = $1 FOR UPDATE",
+) -> bool:
+    """Link record ``key`` of ``source`` to the unified ``row`` of a one-sided record.
+
+    Returns False, linking nothing, when the row got a ``source`` record of
+    its own since it was read (its create there landed meanwhile).
+    """
+    locked = await conn.fetchrow(
+        f"SELECT * FROM {entity.table} WHERE unified_id = $1 FOR UPDATE",
         row["unified_id"],
     )
+    if locked is None or locked[key_column(source)] not in (None, key):
+        return False
+    row.clear()
+    row.update(locked)
     await engine.set_key(conn, entity, row, source, key)
     row[key_column(source)] = key
-    await engine.absorb(conn, entity, row, Change(source, "upsert", found, version))
-    currents: dict[str, Mapping[str, Any] | None] = {source: found}
+    change = Change(source, "upsert", _present(found), version)
+    await engine.absorb(conn, entity, row, change)
+    # A create queued for the row's missing record now lands on this record,
+    # with the values of its time: count them as the record's, so the writes
+    # below restore whatever they would set back.
+    currents: dict[str, Mapping[str, Any] | None] = {
+        source: {**found, **await _queued(conn, entity, source, row["unified_id"])}
+    }
     partner = row[key_column(other(source))]
     mirror = await _mirror(engine, conn, entity, other(source))
     if partner and mirror is not None:
@@ -514,6 +595,35 @@ async def _link_to_row(
                 quarantine=False,
             )  # fmt: skip
     await engine.write_differences(conn, entity, row, currents, version)
+    await engine.queue(conn, _link_entries(engine, entity, row, {}, version))
+    return True
+
+
+def _present(found: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a record holds a value in.
+
+    Linking merges two records: a field one of them leaves empty is no
+    decision to empty the other's, whatever the times or the precedence.
+    """
+    return {name: value for name, value in found.items() if value is not None}
+
+
+async def _queued(
+    conn: asyncpg.Connection, entity: _Entity, target: str, unified_id: str
+) -> dict[str, Any]:
+    """The unified values that writes still queued to ``target`` will set, in order."""
+    rows = await conn.fetch(
+        "SELECT cause->'unified' AS unified FROM replicator.outbox WHERE entity = $1 "
+        "AND target = $2 AND cause->>'unified_id' = $3 AND status = 'pending' "
+        "AND operation = 'upsert' ORDER BY id",
+        entity.name,
+        target,
+        unified_id,
+    )
+    values: dict[str, Any] = {}
+    for r in rows:
+        values.update(orjson.loads(r["unified"] or "{}"))
+    return values
 
 
 async def decide(
@@ -622,7 +732,14 @@ async def _link_chosen(
     )
     if row is not None:
         version = Version(at, side, "review")
-        await _link_to_row(engine, conn, entity, dict(row), side, key, record, version)
+        if not await _link_to_row(
+            engine, conn, entity, dict(row), side, key, record, version
+        ):
+            raise LookupError(
+                f"{partner_side} {partner} was linked to {side} "
+                f"{row[key_column(side)]} after the review opened; create the record "
+                "instead, or merge the two by hand"
+            )
         return
     partner_values = await _current(engine, conn, entity, partner_side, partner)
     if partner_values is None:
@@ -632,7 +749,7 @@ async def _link_chosen(
     erp_values, sf_values = (
         (record, partner_values) if side == "erp" else (partner_values, record)
     )
-    _join(engine, plan, entity, erp_key, erp_values, sf_id, sf_values, at)
+    _join(engine, plan, entity, erp_key, erp_values, sf_id, sf_values, at, {})
 
 
 async def _release(

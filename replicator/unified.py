@@ -873,6 +873,18 @@ class SyncEngine:
         key = row[key_column(target)] or new_key(row["unified_id"])
         return self._entry(entity, target, key, "upsert", fields, row, version, unified)
 
+    def entry(
+        self,
+        entity: _Entity,
+        target: str,
+        key: str,
+        fields: Mapping[str, Any],
+        row: Mapping[str, Any],
+        version: Version,
+    ) -> OutboxEntry:
+        """An upsert of target-domain ``fields`` that no echo needs to settle."""
+        return self._entry(entity, target, key, "upsert", fields, row, version, {})
+
     def _entry(
         self,
         entity: _Entity,

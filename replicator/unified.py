@@ -338,6 +338,7 @@ class SyncEngine:
             )
             changed = found or {}
         echoes: list[PendingWrite] = []
+        stale: dict[str, Any] = {}
         if changed:
             pending = await self._pending(conn, entity, source, row)
             incoming = changed
@@ -345,14 +346,23 @@ class SyncEngine:
             changed, echoes = split_echoes(incoming, pending, json_fields=json_fields)
             if echoes:
                 await self._mark_echoed(conn, echoes)
-            for echo in echoes:
-                # Our value arrived at the field's owner and is still the
-                # unified value: from now on the owner holds it.
-                name = echo.field
-                if entity.rule.owner_of(name) == source and values_equal(
+            for name in sorted({echo.field for echo in echoes}):
+                current = values_equal(
                     incoming.get(name), row.get(name), json=name in json_fields
-                ):
+                )
+                if current and entity.rule.owner_of(name) == source:
+                    # Our value arrived at the field's owner and is still the
+                    # unified value: from now on the owner holds it.
                     changed[name] = incoming[name]
+                elif not current and not any(
+                    w.field == name and w not in echoes for w in pending
+                ):
+                    # Our write landed after a newer decision (a change from
+                    # the other side won meanwhile) and no later write will
+                    # follow it: the system now holds a superseded value.
+                    stale[name] = row.get(name)
+        if stale and source in entity.settings.targets and not row.get("deleted_at"):
+            await self.put_outbox(conn, entity, source, row, stale, version)
         if not changed and not deleted:
             return
         change = Change(source, "delete" if deleted else "upsert", changed, version)

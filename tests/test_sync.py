@@ -238,7 +238,8 @@ async def test_write_backs_and_operator_commands_land_in_the_audit_trail(
                 lambda: replica.fetchrow(
                     "SELECT subject, detail->>'target' AS target, detail->'answer' AS answer, "
                     "detail->'cause'->>'source' AS source FROM replicator.audit "
-                    "WHERE kind = 'write_back'"
+                    "WHERE kind = 'write_back' "
+                    "AND detail->'cause'->>'unified_id' = 'erp:C-7'"
                 )
             )
     await erp.close()

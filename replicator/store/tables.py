@@ -241,8 +241,28 @@ def ddl_statements() -> list[str]:
     return out
 
 
+def _relations() -> list[str]:
+    """Every table and index the DDL creates, schema-qualified."""
+    names = []
+    for table in metadata.sorted_tables:
+        names.append(f"{table.schema}.{table.name}")
+        names += [f"{table.schema}.{index.name}" for index in table.indexes]
+    return names
+
+
 async def create_schema(conn: asyncpg.Connection) -> None:
-    """Create the replicator's schemas and tables if missing (serialised by a lock)."""
+    """Create the replicator's schemas and tables if missing (serialised by a lock).
+
+    When they all exist nothing runs: even ``CREATE INDEX IF NOT EXISTS``
+    locks its table, which would wait for (and deadlock with) the sessions
+    writing it while a pipeline restarts.
+    """
+    missing = await conn.fetchval(
+        "SELECT count(*) FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NULL",
+        _relations(),
+    )
+    if missing == 0:
+        return
     async with conn.transaction():
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext('replicator.schema'))"

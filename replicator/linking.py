@@ -42,6 +42,11 @@ __all__ = ["LinkReport", "decide", "link_all", "match_live"]
 logger = logging.getLogger(__name__)
 
 _KEY = "__key"  # where a candidate's own key travels inside its values
+# The time of the values a link reads from the mirrors: older than any change.
+# A change committed before the pass but streamed after it (a source lagging)
+# is newer than what the pass read, and wins; between the two records of a
+# pair, owners and then the source precedence decide (same time bucket).
+BASELINE = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass(slots=True)
@@ -257,7 +262,7 @@ async def _pass(
             held.add(f"{side}:{key}")
             held.update(f"{c['side']}:{c['key']}" for c in candidates)
         report.to_review = len(reviews)
-    now = dt.datetime.now(dt.UTC)
+    now = BASELINE
     plan = _Plan()
     external = snake(entity.settings.external_id)
     column = entity.settings.erp_sf_id_column
@@ -675,7 +680,7 @@ async def decide(
             choice,
             by,
         )
-        now = dt.datetime.now(dt.UTC)
+        now = BASELINE
         record = await _current(engine, conn, entity, side, key)
         if record is None:
             return f"{side} record {key} is gone; nothing to link or create"

@@ -262,6 +262,11 @@ def _compare_row(
     found: _Findings,
 ) -> None:
     uid, sf_id, erp_key = row["unified_id"], row["sf_id"], row["erp_key"]
+    waiting = _held_reference(entity, row, snapshot.review)
+    if waiting is not None:
+        # its write waits until an operator settles the referenced record
+        found.awaiting.append(f"{entity.name} {uid}: refers to {waiting}")
+        return
     erp = snapshot.erp.get(erp_key) if erp_key is not None else None
     sf = snapshot.salesforce.get(sf_id) if sf_id is not None else None
     erp_problem = _link_problem("erp", entity, erp_key, erp)
@@ -290,6 +295,21 @@ def _compare_row(
         if not (erp_ok and sf_ok):
             erp_shown = "-" if erp is None else _show(erp.get(mapped.erp))
             found.differ(uid, mapped.name, erp_shown, sf_shown, _show(value))
+
+
+def _held_reference(
+    entity: EntitySettings, row: Mapping[str, Any], review: Any
+) -> str | None:
+    """The held record a reference field of ``row`` points to, if any."""
+    for mapped in entity.fields:
+        value = row.get(mapped.name)
+        if mapped.reference is None or not value:
+            continue
+        prefix, _, key = str(value).partition(":")
+        system = {"erp": "erp", "sf": "salesforce"}.get(prefix)
+        if system is not None and (system, key) in review:
+            return f"{mapped.reference} {system} record {key!r}, awaiting review"
+    return None
 
 
 def _compare_links(

@@ -45,6 +45,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
         "replicator.store.conflicts_cli",
         "list field conflicts and their rule",
     ),
+    "matches": (
+        "replicator.matches_cli",
+        "list duplicate candidates waiting for review, link or create them",
+    ),
     "check": (
         "replicator.check",
         "verify every prerequisite against the configured systems",
@@ -104,6 +108,7 @@ def _is_operator_change(args: argparse.Namespace) -> bool:
         args.command in ("resync", "bi-role")
         or (args.command == "checkpoints" and action == "restore")
         or (args.command == "dlq" and action in ("retry", "drop"))
+        or (args.command == "matches" and action in ("link", "create"))
     )
 
 

@@ -39,8 +39,8 @@ are the daemon's and the emulator's own (``/proc``). ``--statements`` loads
 ``pg_stat_statements`` into the replica and prints, per phase, how many
 statements the daemon ran there and which took the server's time.
 
-Usage: python bench/sync_writeback.py [--records 2000] [--round-trips 200]
-       [--resolve-changes 5000] [--history 5000] [--tx-rows 1] [--statements]
+Usage: python bench/sync_writeback.py [--records 1000] [--round-trips 200]
+       [--resolve-changes 3000] [--history 3000] [--tx-rows 1] [--statements]
        [--phases link,to_sf,to_erp,round_trip,resolution]
 """
 
@@ -707,15 +707,28 @@ FROM erp.customer,
 """
 _HISTORY = """
 INSERT INTO replicator.outbox (entity, target, target_key, operation, fields, cause,
-                               status, attempts, echoed, created_at, done_at)
+                               status, attempts, created_at, done_at)
 SELECT 'customer', 'erp', k, 'upsert', '{"phone": "old"}',
        jsonb_build_object('unified_id', 'erp:' || k, 'source', 'salesforce',
                           'unified', jsonb_build_object('phone', 'old')),
-       'done', 1, '{"phone": true}', now() - interval '1 hour',
-       now() - interval '1 hour'
+       'done', 1, now() - interval '1 hour', now() - interval '1 hour'
 FROM (SELECT 'C-' || lpad((g % $2)::text, 6, '0') AS k
       FROM generate_series(0, $1 - 1) AS g) AS keys
 """
+
+
+async def mark_echoed(conn: asyncpg.Connection) -> None:
+    """Record that the echo of every finished write-back came back."""
+    if await conn.fetchval("SELECT to_regclass('replicator.outbox_echoes')"):
+        await conn.execute(
+            "INSERT INTO replicator.outbox_echoes (outbox_id, field) "
+            "SELECT id, 'phone' FROM replicator.outbox WHERE status = 'done'"
+        )
+    else:  # the marks' older place
+        await conn.execute(
+            "UPDATE replicator.outbox SET echoed = '{\"phone\": true}' "
+            "WHERE status = 'done'"
+        )
 
 
 async def resolution(
@@ -749,6 +762,7 @@ async def resolution(
         if mapped:
             await conn.execute(_LINK)
             await conn.execute(_HISTORY, extra, changes)
+            await mark_echoed(conn)
             if await conn.fetchval("SELECT to_regclass('replicator.sync_entities')"):
                 # the initial linking pass counts as done: these rows are linked
                 await conn.execute(
@@ -1010,14 +1024,14 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=2000, help="linked customers")
+    parser.add_argument("--records", type=int, default=1000, help="linked customers")
     parser.add_argument("--round-trips", type=int, default=200, help="each way")
     parser.add_argument("--gap-ms", type=int, default=100, help="pause after a trip")
     parser.add_argument("--poll-ms", type=float, default=5, help="target polling")
     parser.add_argument("--tx-rows", type=int, default=1, help="ERP burst rows a tx")
-    parser.add_argument("--resolve-changes", type=int, default=5000)
+    parser.add_argument("--resolve-changes", type=int, default=3000)
     parser.add_argument(
-        "--history", type=int, default=5000, help="done ERP write-backs (0: skip)"
+        "--history", type=int, default=3000, help="done ERP write-backs (0: skip)"
     )
     parser.add_argument("--phases", default="link,to_sf,to_erp,round_trip,resolution")
     parser.add_argument(

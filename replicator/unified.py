@@ -422,16 +422,17 @@ class SyncEngine:
                 value = await self.reference_id(conn, field.reference, source, value)
             else:
                 transform = entity.transforms.get(field.name)
-                if (
-                    source == "salesforce"
-                    and transform is not None
-                    and value is not None
-                ):
-                    try:
-                        value = transform.to_unified(value)
-                    except TransformError as exc:
-                        problems.append((field.name, value, f"transform: {exc}"))
-                        continue
+                try:
+                    if transform is not None and value is not None:
+                        if source == "salesforce":
+                            value = transform.to_unified(value)
+                        elif "salesforce" in entity.settings.targets:
+                            # a value Salesforce cannot take stops here, not
+                            # at the write
+                            transform.from_unified(_text(value))
+                except TransformError as exc:
+                    problems.append((field.name, value, f"transform: {exc}"))
+                    continue
             out[field.name] = _unified_text(value, entity.erp_types.get(field.name, ""))
         complete = before is None
         missing_required = False
@@ -498,9 +499,13 @@ class SyncEngine:
         if found is not None:
             return found
         found = await conn.fetchval(
-            f"SELECT unified_id FROM {UNIFIED_SCHEMA}.{quote_ident(entity_name)} "
-            f"WHERE {key_column(source)} = $1",
+            f"SELECT coalesce((SELECT unified_id FROM {UNIFIED_SCHEMA}."
+            f"{quote_ident(entity_name)} WHERE {key_column(source)} = $1), "
+            "(SELECT unified_id FROM replicator.created_links WHERE entity = $2 "
+            "AND target = $3 AND key = $1))",
             key,
+            entity_name,
+            source,
         )
         if found is None:
             return first_id(source, key)
@@ -535,6 +540,22 @@ class SyncEngine:
         )
         if row is not None:
             return dict(row)
+        created = await conn.fetchval(
+            "SELECT unified_id FROM replicator.created_links WHERE entity = $1 "
+            "AND target = $2 AND key = $3",
+            entity.name,
+            source,
+            key,
+        )
+        if created is not None:  # our sink created it; its link is not folded yet
+            row = await conn.fetchrow(
+                f"SELECT * FROM {entity.table} WHERE unified_id = $1 FOR UPDATE",
+                created,
+            )
+            if row is not None and row[key_column(source)] in (None, key):
+                if row[key_column(source)] is None:
+                    await self.set_key(conn, entity, dict(row), source, key)
+                return {**dict(row), key_column(source): key}
         if after is None:
             return None
         # the record names its partner: the external id (Salesforce) or the

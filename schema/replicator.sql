@@ -53,6 +53,14 @@ CREATE TABLE IF NOT EXISTS replicator.conflicts (
 	recorded_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	PRIMARY KEY (id)
 );
+CREATE TABLE IF NOT EXISTS replicator.created_links (
+	entity TEXT NOT NULL, 
+	target TEXT NOT NULL, 
+	key TEXT NOT NULL, 
+	unified_id TEXT NOT NULL, 
+	at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (entity, target, key)
+);
 CREATE TABLE IF NOT EXISTS replicator.dead_letters (
 	id BIGSERIAL NOT NULL, 
 	stream TEXT NOT NULL, 

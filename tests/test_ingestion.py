@@ -301,11 +301,6 @@ async def test_unknown_country_from_salesforce_waits_and_the_rest_flows(
     assert after["country"] == erp_before["country"] == "USA"
 
 
-@pytest.mark.xfail(
-    reason="an ERP value that from_unified cannot map is only logged "
-    "(unified.SyncEngine._target_fields), never dead-lettered",
-    strict=True,
-)
 async def test_unknown_country_from_the_erp_waits_and_the_rest_flows(
     erp_case: ErpCase, serve_emulator: Any, ingest_config: EmulatorConfig
 ) -> None:

@@ -57,9 +57,14 @@ class OutboxResolver:
     async def _linked_key(self, entity: str, unified_id: str, column: str) -> Any:
         if self.replica is None:
             return None
+        target = "salesforce" if column == "sf_id" else "erp"
         return await self.replica.fetchval(
-            f"SELECT {column} FROM unified.{quote_ident(entity)} WHERE unified_id = $1",
+            f"SELECT coalesce((SELECT {column} FROM unified.{quote_ident(entity)} "
+            "WHERE unified_id = $1), (SELECT key FROM replicator.created_links "
+            "WHERE entity = $2 AND target = $3 AND unified_id = $1 LIMIT 1))",
             unified_id,
+            entity,
+            target,
         )
 
     async def _target_key(self, row: OutboxRow) -> str | None:
@@ -153,11 +158,16 @@ class OutboxResolver:
         if row.operation != "upsert":
             return
         unified_id = row.target_key[len(NEW_PREFIX) :]
-        column = "sf_id" if row.target == "salesforce" else "erp_key"
-        linked = await conn.fetchrow(
-            f"UPDATE unified.{quote_ident(row.entity)} SET {column} = $1 "
-            f"WHERE unified_id = $2 AND {column} IS NULL RETURNING sf_id",
+        await conn.execute(
+            "INSERT INTO replicator.created_links (entity, target, key, unified_id) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            row.entity,
+            row.target,
             result.record_id,
+            unified_id,
+        )
+        linked = await conn.fetchrow(
+            f"SELECT sf_id FROM unified.{quote_ident(row.entity)} WHERE unified_id = $1",
             unified_id,
         )
         # later rows for the same new record now name it by its key
@@ -187,6 +197,36 @@ class OutboxResolver:
                     {"unified_id": unified_id, "link": "erp_key", "unified": {}}
                 ).decode(),
             )
+
+
+async def fold_links(replica: asyncpg.Connection) -> int:
+    """Store created records' keys on their unified rows, one row per transaction.
+
+    Each update holds one row lock at a time, so it can wait for an applier
+    but never deadlock with one. Returns the links folded.
+    """
+    rows = await replica.fetch(
+        "SELECT entity, target, key, unified_id FROM replicator.created_links "
+        "ORDER BY at LIMIT 1000"
+    )
+    for r in rows:
+        column = "sf_id" if r["target"] == "salesforce" else "erp_key"
+        async with replica.transaction():
+            await replica.execute(
+                f"UPDATE unified.{quote_ident(r['entity'])} SET {column} = $1 "
+                f"WHERE unified_id = $2 AND {column} IS NULL AND NOT EXISTS "
+                f"(SELECT 1 FROM unified.{quote_ident(r['entity'])} WHERE {column} = $1)",
+                r["key"],
+                r["unified_id"],
+            )
+            await replica.execute(
+                "DELETE FROM replicator.created_links WHERE entity = $1 AND "
+                "target = $2 AND key = $3",
+                r["entity"],
+                r["target"],
+                r["key"],
+            )
+    return len(rows)
 
 
 async def _erp_keys(replica: asyncpg.Connection) -> dict[str, list[str]]:
@@ -238,6 +278,7 @@ async def run_outbox(settings: Settings, stop: asyncio.Event) -> None:
                 resolve_sf=resolver.salesforce,
                 resolve_erp=resolver.erp,
                 on_done=resolver.on_done,
+                after_round=lambda: fold_links(replica),
                 idle_timeout=5.0,
             )
             await worker.run(stop)

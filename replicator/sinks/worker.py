@@ -166,6 +166,7 @@ class OutboxWorker:
         resolve_erp: Callable[[OutboxRow], ErpWrite | Awaitable[ErpWrite]],
         batch: int = 200,
         on_done: OnDone | None = None,
+        after_round: Callable[[], Awaitable[Any]] | None = None,
         retry_initial: float = 1.0,
         retry_cap: float = 300.0,
         idle_timeout: float = 60.0,
@@ -174,6 +175,7 @@ class OutboxWorker:
         self.conn = replica_conn
         self.batch = batch
         self.on_done = on_done
+        self.after_round = after_round
         self.idle_timeout = idle_timeout
         self.channel = channel
         self.retry_initial = retry_initial
@@ -267,6 +269,8 @@ class OutboxWorker:
             self._pause(target, retried)
         else:
             target.backoff.reset()
+        if self.after_round is not None:
+            await self.after_round()  # outside the claim: its locks are gone
         return sum(len(g.rows) for g in groups)
 
     async def _claim(self, target: _Target) -> list[OutboxRow]:

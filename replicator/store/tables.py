@@ -156,6 +156,20 @@ outbox_echoes = Table(
     Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 
+# Records the sinks created, by their new key: stored in the transaction that
+# marks the write done (an insert, so the sink never waits for an applier
+# holding the unified row), then folded into the unified row's sf_id or
+# erp_key one row at a time. Readers of links look here too until then.
+created_links = Table(
+    "created_links",
+    metadata,
+    Column("entity", Text, primary_key=True),
+    Column("target", Text, primary_key=True),  # erp, salesforce
+    Column("key", Text, primary_key=True),
+    Column("unified_id", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
 # Mapped entities whose existing records have been linked across the two
 # systems (the initial pass at switch-on); resolution of live changes starts
 # for an entity once its row is here.

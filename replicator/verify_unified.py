@@ -122,6 +122,8 @@ class Snapshot:
     erp: dict[str, dict[str, Any]]  # erp key text -> column -> value
     salesforce: dict[str, dict[str, Any]]  # Id -> field -> value
     review: set[tuple[str, str]] = field(default_factory=set)  # (system, key)
+    # the open reviews of every entity, for references to held records
+    reviews: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
 
 
 # -- comparing values ----------------------------------------------------------
@@ -262,7 +264,7 @@ def _compare_row(
     found: _Findings,
 ) -> None:
     uid, sf_id, erp_key = row["unified_id"], row["sf_id"], row["erp_key"]
-    waiting = _held_reference(entity, row, snapshot.review)
+    waiting = _held_reference(entity, row, snapshot.reviews)
     if waiting is not None:
         # its write waits until an operator settles the referenced record
         found.awaiting.append(f"{entity.name} {uid}: refers to {waiting}")
@@ -298,7 +300,9 @@ def _compare_row(
 
 
 def _held_reference(
-    entity: EntitySettings, row: Mapping[str, Any], review: Any
+    entity: EntitySettings,
+    row: Mapping[str, Any],
+    reviews: Mapping[str, set[tuple[str, str]]],
 ) -> str | None:
     """The held record a reference field of ``row`` points to, if any."""
     for mapped in entity.fields:
@@ -307,7 +311,7 @@ def _held_reference(
             continue
         prefix, _, key = str(value).partition(":")
         system = {"erp": "erp", "sf": "salesforce"}.get(prefix)
-        if system is not None and (system, key) in review:
+        if system is not None and (system, key) in reviews.get(mapped.reference, ()):
             return f"{mapped.reference} {system} record {key!r}, awaiting review"
     return None
 
@@ -468,6 +472,8 @@ async def verify_entities(settings: Settings) -> list[EntityReport]:
             await replica.close()
     finally:
         await erp.close()
+    for snapshot in snapshots.values():
+        snapshot.reviews = {name: s.review for name, s in snapshots.items()}
     links = {
         name: {r["unified_id"]: Link(r["sf_id"], r["erp_key"]) for r in rows}
         for name, rows in unified.items()

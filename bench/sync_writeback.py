@@ -819,7 +819,7 @@ async def resolution(
         "asyncpg executemany UPDATE",
         changes,
         seconds,
-        now.user + now.system - before.user - before.system,
+        max(0.0, now.user + now.system - before.user - before.system),
     )
     return drains, floor
 

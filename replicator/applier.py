@@ -514,6 +514,9 @@ class ErpApplier:
     async def flush(self, only: str | None = None) -> None:
         """Write pending changes into the open replica transaction (no commit)."""
         names = [only] if only is not None else list(self._pending)
+        if self.sync is not None and len(names) > 1:
+            sync = self.sync
+            names.sort(key=lambda name: sync.order_key("erp", name))
         for name in names:
             changes = self._pending.pop(name, None)
             if changes is None or not changes.rows:

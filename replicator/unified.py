@@ -131,6 +131,7 @@ class SyncEngine:
         self.by_sf_object: dict[str, _Entity] = {}
         self.linked: set[str] = set()
         self._refs: dict[tuple[str, str, str], str] = {}
+        self._ranks: dict[str, int] = {}
         self._outbox_ids: dict[PendingWrite, int] = {}
         sync = getattr(settings, "sync", None)
         self.tie_window = dt.timedelta(
@@ -215,6 +216,22 @@ class SyncEngine:
 
     def watches(self, source: str, name: str) -> bool:
         return name in (self.by_erp_mirror if source == "erp" else self.by_sf_object)
+
+    def order_key(self, source: str, name: str) -> int:
+        """Where a table's changes go in a batch: mapped ones last, parents first.
+
+        Both appliers resolve entities in this one order (and rows by
+        unified_id), so their transactions lock unified rows in the same
+        order and cannot deadlock each other.
+        """
+        entity = (self.by_erp_mirror if source == "erp" else self.by_sf_object).get(
+            name
+        )
+        if entity is None:
+            return -1
+        if not self._ranks:
+            self._ranks = _parents_first(self.entities)
+        return self._ranks.get(entity.name, 0)
 
     async def snapshot(
         self,
@@ -1030,6 +1047,23 @@ def _unified_text(value: Any, erp_type: str) -> str | None:
         return str(int(number))
     normal = number.normalize()
     return format(normal, "f") if normal != 0 else "0"
+
+
+def _parents_first(entities: Mapping[str, _Entity]) -> dict[str, int]:
+    """Each entity's rank, the entities it refers to ranked before it."""
+    ranks: dict[str, int] = {}
+
+    def visit(name: str, path: frozenset[str]) -> None:
+        if name in ranks or name in path or name not in entities:
+            return
+        for field_map in entities[name].settings.fields:
+            if field_map.reference is not None:
+                visit(field_map.reference, path | {name})
+        ranks[name] = len(ranks)
+
+    for name in sorted(entities):
+        visit(name, frozenset())
+    return ranks
 
 
 async def mirror_rows(

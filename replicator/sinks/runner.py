@@ -10,6 +10,7 @@ the outbox row done, so a record that comes back cannot be linked twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -105,6 +106,8 @@ class OutboxResolver:
 
     async def erp(self, row: OutboxRow) -> ErpWrite:
         entity = self.entities[row.entity]
+        if entity.erp not in self.erp_keys and self.replica is not None:
+            self.erp_keys = await _erp_keys(self.replica)  # mirrored since start
         key_columns = self.erp_keys.get(entity.erp, [])
         fields = await self._fields(row)
         key: dict[str, Any] = {}
@@ -229,6 +232,32 @@ async def fold_links(replica: asyncpg.Connection) -> int:
     return len(rows)
 
 
+async def _keep_linking(settings: Settings, engine: Any, stop: asyncio.Event) -> None:
+    """Run the initial pass of each entity once both its mirrors exist."""
+    from replicator.linking import link_all
+
+    conn = await asyncpg.connect(settings.replica.resolve())
+    try:
+        while not stop.is_set():
+            await link_all(engine, conn)
+            linked = [await _linked(conn, name) for name in engine.entities]
+            if all(linked):
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+    finally:
+        await conn.close()
+
+
+async def _linked(conn: asyncpg.Connection, entity: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM replicator.sync_entities WHERE entity = $1", entity
+        )
+    )
+
+
 async def _erp_keys(replica: asyncpg.Connection) -> dict[str, list[str]]:
     rows = await replica.fetch(
         "SELECT source_table, key_columns FROM replicator.mirror_tables WHERE stream = 'erp'"
@@ -243,15 +272,17 @@ async def run_outbox(settings: Settings, stop: asyncio.Event) -> None:
 
     replica = await asyncpg.connect(settings.replica.resolve())
     erp_conn = None
+    linker: asyncio.Task[None] | None = None
     try:
-        # Existing records are linked (or queued for creation) before the
-        # first write: an entity's live changes wait for its pass.
-        from replicator.linking import link_all
+        from replicator.store.tables import create_schema
         from replicator.unified import sync_engine
 
+        await create_schema(replica)
         engine = await sync_engine(settings, replica)
         if engine is not None:
-            await link_all(engine, replica)
+            # Existing records are linked (or queued for creation) as soon as
+            # both mirrors of an entity are loaded; its live changes wait.
+            linker = asyncio.create_task(_keep_linking(settings, engine, stop))
         resolver = OutboxResolver(settings, await _erp_keys(replica), replica)
         erp_sink = None
         if settings.erp is not None:
@@ -283,6 +314,10 @@ async def run_outbox(settings: Settings, stop: asyncio.Event) -> None:
             )
             await worker.run(stop)
     finally:
+        if linker is not None:
+            linker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await linker
         await replica.close()
         if erp_conn is not None:
             await erp_conn.close()

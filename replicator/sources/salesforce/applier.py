@@ -320,8 +320,12 @@ class SfApplier:
         for change in ordered:
             by_object.setdefault(change.object_name, []).append(change)
         positions: dict[str, RecordChange] = {}
+        groups = list(by_object.items())
+        if self.sync is not None:
+            sync = self.sync
+            groups.sort(key=lambda item: sync.order_key("salesforce", item[0]))
         async with self.store.conn.transaction():
-            for object_name, group in by_object.items():
+            for object_name, group in groups:
                 state = self.objects.get(object_name)
                 if state is None:
                     for change in group:

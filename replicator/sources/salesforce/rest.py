@@ -116,7 +116,10 @@ class RestClient:
         )
         backoff = Backoff(initial=0.2, cap=10)
         reauthenticated = False
-        for attempt in range(1, self.attempts + 1):
+        # A refreshed session repeats the call once more: it is no attempt.
+        attempt = 0
+        while attempt < self.attempts:
+            attempt += 1
             headers = {**self.auth.header(), "Accept": "application/json"}
             if self.client_name:
                 headers["Sforce-Call-Options"] = f"client={self.client_name}"
@@ -141,6 +144,7 @@ class RestClient:
                 if status == 401 and not reauthenticated:
                     reauthenticated = True
                     await self.auth.refresh()
+                    attempt -= 1
                     continue
             if not error.retriable or attempt == self.attempts:
                 raise error

@@ -196,6 +196,8 @@ class ErpApplier:
         self._skip = False
         self._origin: str | None = None
         self._own_inserts: dict[str, set[str]] = {}
+        # mapped table -> key text -> (source commit time, made by our sink)
+        self._key_meta: dict[str, dict[str, tuple[float, bool]]] = {}
         self._spools: dict[int, _Spool] = {}
         self.idle_lsn = 0  # a position past every received change, when idle
         self._changes_at_begin = 0
@@ -230,9 +232,12 @@ class ErpApplier:
                 and not self._skip
                 and cast(Any, msg).xid is None
             ):
+                mapped = sync is not None and self._mapped(msg)  # type: ignore[arg-type]
+                if mapped:
+                    await self._flush_if_repeated(msg)  # type: ignore[arg-type]
                 route, values = put_row(msg)  # type: ignore[arg-type]
-                if sync is not None and sync.watches("erp", route.table.name):
-                    self._note_own_insert(route, msg)  # type: ignore[arg-type]
+                if mapped:
+                    self._note_mapped_row(route, msg)  # type: ignore[arg-type]
                 if (
                     route.enums and values is not None
                 ) or self._pending_rows >= self.batch_changes:
@@ -313,23 +318,54 @@ class ErpApplier:
             self.idle_lsn = max(self.idle_lsn, msg.lsn)
 
     async def _row(self, msg: Insert | Update | Delete) -> None:
+        mapped = self.sync is not None and self._mapped(msg)
+        if mapped:
+            await self._flush_if_repeated(msg)
         route, values = self._put_row(msg)
-        if self.sync is not None and self.sync.watches("erp", route.table.name):
-            self._note_own_insert(route, msg)
+        if mapped:
+            self._note_mapped_row(route, msg)
         await self._after_row(route, values)
 
-    def _note_own_insert(self, route: Route, msg: Insert | Update | Delete) -> None:
-        """Remember rows our own sink inserted: they are linked when its write is marked.
+    def _mapped(self, msg: Insert | Update | Delete) -> bool:
+        route = self._routes.get(msg.relation_oid)
+        return (
+            route is not None
+            and self.sync is not None
+            and self.sync.watches("erp", route.table.name)
+        )
 
-        Resolution must not take such a row, coming back before its link is
-        stored, for a new ERP record (it would be created in Salesforce twice).
+    async def _flush_if_repeated(self, msg: Insert | Update | Delete) -> None:
+        """Apply a mapped table's pending rows first if ``msg`` changes one again.
+
+        Resolution compares each row before and after a flush: two changes of
+        one row in one flush would show as one, and a change that restores
+        the value before the first (a user undoing our write) as none.
+        """
+        route = self._routes[msg.relation_oid]
+        pending = self._pending.get(route.table.name)
+        if pending is None or not pending.rows:
+            return
+        rows = [getattr(msg, "old", None), getattr(msg, "new", None)]
+        if any(r is not None and route.key_of(r) in pending.rows for r in rows):
+            await self.flush(only=route.table.name)
+
+    def _note_mapped_row(self, route: Route, msg: Insert | Update | Delete) -> None:
+        """Remember when, and by whom, a mapped row changed, for resolution.
+
+        Each key gets its own transaction's commit time and origin. Rows our
+        own sink inserted are linked when its write is marked: resolution
+        must not take one coming back before then for a new ERP record (it
+        would be created in Salesforce twice).
         """
         row = msg.old if type(msg) is Delete else cast(Insert | Update, msg).new
         if row is None:
             return
         key = "|".join(str(k) for k in route.key_of(row))
+        ours = bool(self.own_origin) and self._origin == self.own_origin
+        when = self._source_commit_time or time.time()
+        self._key_meta.setdefault(route.table.name, {})[key] = (when, ours)
         own = self._own_inserts.setdefault(route.table.name, set())
-        if type(msg) is Insert and self.own_origin and self._origin == self.own_origin:
+        if type(msg) is Insert and ours:
             own.add(key)
         else:
             own.discard(key)
@@ -540,19 +576,23 @@ class ErpApplier:
         before = await self.sync.snapshot(conn, changes.table, keys)
         await self.store.apply(changes)
         after = await self.sync.snapshot(conn, changes.table, keys)
-        # The batch's latest source commit time stands for each of its keys.
-        when = dt.datetime.fromtimestamp(
-            self._source_commit_time or time.time(), dt.UTC
-        )
+        # each key at the commit time of the transaction that changed it
+        meta = self._key_meta.pop(name, {})
+        batch = self._source_commit_time or time.time()
+        times = {
+            key: dt.datetime.fromtimestamp(meta.get(key, (batch, False))[0], dt.UTC)
+            for key in set(before) | set(after)
+        }
         await self.sync.on_rows(
             conn,
             "erp",
             name,
             before,
             after,
-            dict.fromkeys(set(before) | set(after), when),
+            times,
             lsn_to_str(self._uncommitted_end or self.checkpoint_lsn),
             own_inserts=self._own_inserts.pop(name, set()),
+            ours={key for key, (_, ours) in meta.items() if ours},
         )
 
     async def commit(self) -> bool:

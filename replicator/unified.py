@@ -267,11 +267,16 @@ class SyncEngine:
         position: str,
         *,
         own_inserts: Iterable[str] = (),
+        ours: Iterable[str] | None = None,
     ) -> None:
         """Resolve every key whose mapped fields changed between ``before`` and ``after``.
 
         ``own_inserts`` are keys of records our sink created: until the sink
-        stores their link they are not new records of that source.
+        stores their link they are not new records of that source. ``ours``,
+        when known, are the keys whose change came from our own writes (by
+        replication origin or ``changeOrigin``): only those can be echoes, so
+        a user who sets the value we are about to write is not mistaken for
+        our echo.
 
         Until the initial pass has linked the entity's existing records
         (``replicator.linking``), changes only reach the mirror: that pass
@@ -290,6 +295,7 @@ class SyncEngine:
             sorted(set(before) | set(after)),
         )
         own = set(own_inserts)
+        from_us = None if ours is None else set(ours)
         for key in sorted(set(before) | set(after)):
             await self._one(
                 conn,
@@ -301,6 +307,7 @@ class SyncEngine:
                 times.get(key) or dt.datetime.now(dt.UTC),
                 position,
                 own=key in own,
+                echo_possible=from_us is None or key in from_us,
             )
 
     # -- one key ------------------------------------------------------------------
@@ -317,6 +324,7 @@ class SyncEngine:
         position: str,
         *,
         own: bool = False,
+        echo_possible: bool = True,
     ) -> None:
         if source not in entity.settings.sources:
             return  # a one-way entity: this side's changes stay in its mirror
@@ -356,7 +364,7 @@ class SyncEngine:
             changed = found or {}
         echoes: list[PendingWrite] = []
         stale: dict[str, Any] = {}
-        if changed:
+        if changed and echo_possible:
             pending = await self._pending(conn, entity, source, row)
             incoming = changed
             json_fields = set(entity.json_fields or ())

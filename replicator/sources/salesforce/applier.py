@@ -333,7 +333,11 @@ class SfApplier:
                             change, f"object {object_name!r} is not mirrored"
                         )
                     continue
-                await self._apply_object(state, group)
+                mapped = self.sync is not None and self.sync.watches(
+                    "salesforce", object_name
+                )
+                for wave in _waves(group) if mapped else [group]:
+                    await self._apply_object(state, wave)
             for change in ordered:
                 last = positions.get(change.channel)
                 if last is None or change.replay_id >= last.replay_id:
@@ -492,13 +496,9 @@ class SfApplier:
         after = await self.sync.snapshot(
             self.store.conn, state.table, [(c.record_id,) for c in group]
         )
-        times: dict[str, dt.datetime] = {}
-        for change in group:
-            if (
-                change.record_id not in times
-                or change.commit_time > times[change.record_id]
-            ):
-                times[change.record_id] = change.commit_time
+        # a mapped object's batch holds one event per record (_waves)
+        times = {change.record_id: change.commit_time for change in group}
+        client = self.sync.client_name
         position = str(max(c.replay_id for c in group))
         await self.sync.on_rows(
             self.store.conn,
@@ -508,6 +508,7 @@ class SfApplier:
             after,
             times,
             position,
+            ours={c.record_id for c in group if c.client == client},
         )
 
     async def _apply_diffs(
@@ -663,3 +664,21 @@ def _parse_sf_time(value: Any) -> dt.datetime | None:
     if text[-5] in "+-" and text[-3] != ":":
         text = text[:-2] + ":" + text[-2:]
     return dt.datetime.fromisoformat(text)
+
+
+def _waves(group: list[RecordChange]) -> list[list[RecordChange]]:
+    """Split a batch so that each part changes a record at most once, in order.
+
+    Resolution compares each record before and after a part: two events of
+    one record in one part would show as one, and an edit that restores the
+    value before the first (a user undoing our write) as none.
+    """
+    waves: list[list[RecordChange]] = []
+    seen: dict[str, int] = {}
+    for change in group:
+        index = seen.get(change.record_id, 0)
+        seen[change.record_id] = index + 1
+        if index == len(waves):
+            waves.append([])
+        waves[index].append(change)
+    return waves

@@ -28,9 +28,11 @@ phone, city and state (``us_state``) both ways, production defaults otherwise
   ways, each from its own slot and replica database: no entity (mirror
   upsert only), the entity mapped (resolution, conflict log and outbox in
   the same replica transaction, records linked beforehand), and mapped with
-  ``--history`` finished write-backs to the ERP already in the outbox. The
-  floor is an asyncpg ``executemany`` UPDATE of the same rows' new values
-  into the mirror. Mirrors are checksummed against the ERP.
+  ``--history`` finished write-backs to the ERP already in the outbox
+  (heartbeat and status every 0.5 s so that each run ends once caught up;
+  the time is from streaming to the last commit). The floor is an asyncpg
+  ``executemany`` UPDATE of the same rows' new values into the mirror.
+  Mirrors are checksummed against the ERP.
 
 After link, to_sf and to_erp the bench waits until the echoes of the
 daemon's writes have come back into the mirrors and counts the outbox rows

@@ -306,11 +306,12 @@ class Daemon:
     async def initialise(self, replica: asyncpg.Connection) -> None:
         """Create the schema, then snapshot and load once with --until-caught-up.
 
-        Works around a start-up race on a fresh replica: the outbox worker
-        reads ``replicator.mirror_tables`` as soon as it starts, beside the
-        pipelines that create it (a missing table stops the daemon; an empty
-        one leaves it without the ERP keys, so every ERP write-back fails).
+        The measured daemon then starts from its checkpoints. Up to commit
+        56e1c6c the outbox worker also needed this: it read
+        ``replicator.mirror_tables`` once, beside the pipelines that create
+        it (missing: the daemon stopped; empty: every ERP write-back failed).
         """
+
         from replicator.store.tables import create_schema
 
         await create_schema(replica)

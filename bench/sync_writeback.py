@@ -306,8 +306,8 @@ class Daemon:
     async def initialise(self, replica: asyncpg.Connection) -> None:
         """Create the schema, then snapshot and load once with --until-caught-up.
 
-        The measured daemon then starts from its checkpoints. Up to commit
-        56e1c6c the outbox worker also needed this: it read
+        The measured daemon then starts from its checkpoints. At commit
+        56e1c6c the outbox worker also needed it: it read
         ``replicator.mirror_tables`` once, beside the pipelines that create
         it (missing: the daemon stopped; empty: every ERP write-back failed).
         """

@@ -375,11 +375,7 @@ class SyncEngine:
                 current = values_equal(
                     incoming.get(name), row.get(name), json=name in json_fields
                 )
-                if current and entity.rule.owner_of(name) == source:
-                    # Our value arrived at the field's owner and is still the
-                    # unified value: from now on the owner holds it.
-                    changed[name] = incoming[name]
-                elif not current and not any(
+                if not current and not any(
                     w.field == name and w not in echoes for w in pending
                 ):
                     # Our write landed after a newer decision (a change from
@@ -392,6 +388,7 @@ class SyncEngine:
             return
         change = Change(source, "delete" if deleted else "upsert", changed, version)
         resolution = await self.absorb(conn, entity, row, change)
+        await self._correct_losers(conn, entity, source, row, resolution, version)
         await self._enqueue(
             conn,
             entity,
@@ -402,6 +399,43 @@ class SyncEngine:
             deleted and entity.settings.delete_policy == "propagate",
             change,
         )
+
+    async def _correct_losers(
+        self,
+        conn: asyncpg.Connection,
+        entity: _Entity,
+        source: str,
+        row: Mapping[str, Any],
+        resolution: Resolution,
+        version: Version,
+    ) -> None:
+        """Give the unified value back to a system whose own change lost (LWW).
+
+        The newer value usually is on its way there already (a write still
+        queued); when it is not (it reached the unified row before this older
+        change arrived, or equalled it), the system would keep the value that
+        lost.
+        """
+        lost = {
+            c.field
+            for c in resolution.conflicts
+            if c.rule == "lww" and c.discarded_version == version
+        }
+        if not lost or source not in entity.settings.targets or row.get("deleted_at"):
+            return
+        pending = await self._pending(conn, entity, source, row)
+        json_fields = entity.json_fields or frozenset()
+        fix = {
+            name: row.get(name)
+            for name in sorted(lost)
+            if not any(
+                w.field == name
+                and values_equal(w.value, row.get(name), json=name in json_fields)
+                for w in pending
+            )
+        }
+        if fix:
+            await self.put_outbox(conn, entity, source, row, fix, version)
 
     def _touched(
         self,

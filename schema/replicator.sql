@@ -102,6 +102,7 @@ CREATE TABLE IF NOT EXISTS replicator.outbox (
 );
 CREATE INDEX IF NOT EXISTS ix_outbox_key ON replicator.outbox (entity, target, target_key);
 CREATE INDEX IF NOT EXISTS ix_outbox_pending ON replicator.outbox (status, target, id);
+CREATE INDEX IF NOT EXISTS ix_outbox_unified ON replicator.outbox (entity, target, (cause ->> 'unified_id'));
 CREATE TABLE IF NOT EXISTS replicator.outbox_echoes (
 	outbox_id BIGINT NOT NULL, 
 	field TEXT NOT NULL, 

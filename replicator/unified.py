@@ -308,6 +308,7 @@ class SyncEngine:
                 position,
                 own=key in own,
                 echo_possible=from_us is None or key in from_us,
+                from_us=from_us is not None and key in from_us,
             )
 
     # -- one key ------------------------------------------------------------------
@@ -325,6 +326,7 @@ class SyncEngine:
         *,
         own: bool = False,
         echo_possible: bool = True,
+        from_us: bool = False,
     ) -> None:
         if source not in entity.settings.sources:
             return  # a one-way entity: this side's changes stay in its mirror
@@ -362,6 +364,10 @@ class SyncEngine:
                 conn, entity, source, key, before, after, position
             )
             changed = found or {}
+            if before is None and from_us:
+                # the record our create made: a field we left empty was set
+                # by nobody
+                changed = {k: v for k, v in changed.items() if v is not None}
         echoes: list[PendingWrite] = []
         stale: dict[str, Any] = {}
         if changed and echo_possible:
@@ -371,6 +377,14 @@ class SyncEngine:
             changed, echoes = split_echoes(incoming, pending, json_fields=json_fields)
             if echoes:
                 await self._mark_echoed(conn, echoes)
+            if from_us:
+                # a write of ours repeated after a crash comes back once more:
+                # a value the row already holds tells nothing new
+                changed = {
+                    k: v
+                    for k, v in changed.items()
+                    if not values_equal(v, row.get(k), json=k in json_fields)
+                }
             for name in sorted({echo.field for echo in echoes}):
                 current = values_equal(
                     incoming.get(name), row.get(name), json=name in json_fields

@@ -36,6 +36,7 @@ from replicator.conflict import (
     Resolution,
     UnifiedState,
     Version,
+    delete_effect,
     resolve,
     split_echoes,
     values_equal,
@@ -377,14 +378,20 @@ class SyncEngine:
             changed, echoes = split_echoes(incoming, pending, json_fields=json_fields)
             if echoes:
                 await self._mark_echoed(conn, echoes)
-            if from_us:
-                # a write of ours repeated after a crash comes back once more:
-                # a value the row already holds tells nothing new
+            if from_us and changed:
+                # A write of ours repeated after a crash comes back once more,
+                # its first echo already settled: a value the row holds tells
+                # nothing new, and an older one is a write that landed late.
                 changed = {
                     k: v
                     for k, v in changed.items()
                     if not values_equal(v, row.get(k), json=k in json_fields)
                 }
+                settled = await self._pending(conn, entity, source, row, echoed=True)
+                changed, repeats = split_echoes(
+                    changed, settled, json_fields=json_fields
+                )
+                echoes += repeats
             for name in sorted({echo.field for echo in echoes}):
                 current = values_equal(
                     incoming.get(name), row.get(name), json=name in json_fields
@@ -410,7 +417,9 @@ class SyncEngine:
             row,
             resolution.accepted,
             resolution.enforce,
-            deleted and entity.settings.delete_policy == "propagate",
+            # the rule decides: under propagate, a delete by a system that
+            # does not own existence only marks the record
+            deleted and delete_effect(version, entity.rule) == "propagate",
             change,
         )
 
@@ -716,7 +725,11 @@ class SyncEngine:
         entity: _Entity,
         source: str,
         row: Mapping[str, Any],
+        *,
+        echoed: bool = False,
     ) -> list[PendingWrite]:
+        """Our recent writes to ``source`` for this row whose echo has not come
+        back (``echoed``: those whose echo has)."""
         rows = await conn.fetch(
             "SELECT o.id, o.cause, o.created_at, array(SELECT e.field FROM "
             "replicator.outbox_echoes e WHERE e.outbox_id = o.id) AS echoed "
@@ -729,12 +742,13 @@ class SyncEngine:
             _ECHO_HORIZON,
         )
         pending = []
-        self._outbox_ids = {}
+        if not echoed:
+            self._outbox_ids = {}
         for r in rows:
             cause = orjson.loads(r["cause"])
-            echoed = set(r["echoed"])
+            came_back = set(r["echoed"])
             for field, value in cause.get("unified", {}).items():
-                if field not in echoed:
+                if (field in came_back) == echoed:
                     write = PendingWrite(
                         source, row["unified_id"], field, value, r["created_at"]
                     )

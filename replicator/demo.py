@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -323,9 +324,12 @@ async def _progress(
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
     return value
 
 
@@ -370,6 +374,15 @@ async def _demo(args: argparse.Namespace) -> int:
                 args, settings, erp, erp_dsn, org_url, emulator_config, stop
             )
             await erp.close()
+            if stop.is_set():
+                # the last changes were not drained: a comparison would
+                # report data still in flight as differences
+                print(
+                    "interrupted: the streams were not drained, so the field "
+                    "scenario and the verification were skipped",
+                    flush=True,
+                )
+                return 130
             print(
                 "verifying every mirror against its source, row by row, and every "
                 "entity across both systems ...",

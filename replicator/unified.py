@@ -404,6 +404,16 @@ class SyncEngine:
                     # follow it: the system now holds a superseded value.
                     stale[name] = row.get(name)
         if stale and source in entity.settings.targets and not row.get("deleted_at"):
+            logger.info(
+                "our write landed after a newer decision; the unified value goes back",
+                extra={
+                    "entity": entity.name,
+                    "key": key,
+                    "fields": sorted(stale),
+                    "target": source,
+                    "position": position,
+                },
+            )
             await self.put_outbox(conn, entity, source, row, stale, version)
         if not changed and not deleted:
             return
@@ -458,6 +468,16 @@ class SyncEngine:
             )
         }
         if fix:
+            logger.info(
+                "a change lost to a value its system lacks; the unified value goes back",
+                extra={
+                    "entity": entity.name,
+                    "unified_id": row["unified_id"],
+                    "fields": sorted(fix),
+                    "target": source,
+                    "position": version.position,
+                },
+            )
             await self.put_outbox(conn, entity, source, row, fix, version)
 
     def _touched(

@@ -158,7 +158,7 @@ def render_table(report: dict[str, Any]) -> str:
         ]
         for s in report["streams"]
     ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(_COLUMNS)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(_COLUMNS)]
     lines = [f"daemon: {report['daemon']} (lock {report['lock']})"]
     lines.append("  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)))
     lines += [

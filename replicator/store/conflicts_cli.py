@@ -21,7 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     listing = sub.add_parser("list", help="conflicts, newest first")
     listing.add_argument("--entity", help="only this entity")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument(
+        "--limit",
+        type=_count,
+        default=100,
+        help="rows to show, newest first (default 100)",
+    )
     listing.add_argument(
         "--all",
         action="store_true",
@@ -70,3 +75,13 @@ async def list_conflicts(
         rows,
     )
     return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value

@@ -14,11 +14,12 @@ the mirror and the checkpoint. See ``docs/two-way-sync.md``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -89,7 +90,7 @@ class _Entity:
     erp_key: tuple[str, ...]
     validators: tuple[Rule, ...] = ()
     json_fields: frozenset[str] | None = None  # None: not read from the catalog yet
-    erp_types: dict[str, str] = field(default_factory=dict)  # field -> ERP type
+    erp_types: dict[str, str] = dataclasses.field(default_factory=dict)  # by field
 
     @property
     def name(self) -> str:

@@ -144,9 +144,7 @@ outbox = Table(
     Index("ix_outbox_pending", "status", "target", "id"),
     Index("ix_outbox_key", "entity", "target", "target_key"),
     # the writes of one unified row, looked up for each change (echoes)
-    Index(
-        "ix_outbox_unified", "entity", "target", text("(cause ->> 'unified_id')")
-    ),
+    Index("ix_outbox_unified", "entity", "target", text("(cause ->> 'unified_id')")),
 )
 
 # Echoes of outbox writes that came back, by field. Kept apart from the

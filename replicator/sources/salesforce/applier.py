@@ -12,8 +12,6 @@ REST; GAP_OVERFLOW catches the object up by SystemModstamp.
 
 from __future__ import annotations
 
-import asyncio
-
 import collections
 import datetime as dt
 import logging
@@ -22,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import orjson
 
 from replicator.sources.erp.pgoutput import UNCHANGED
@@ -41,7 +38,6 @@ SF_SCHEMA = "sf"
 _SOQL_IDS = (
     200  # ids per "WHERE Id IN (...)": with a field list, well under 8 kB of URL
 )
-_DEADLOCK_ATTEMPTS = 5  # a batch applied again after a replica deadlock
 
 
 def channel_for(object_name: str) -> str:
@@ -318,27 +314,7 @@ class SfApplier:
     # -- events --------------------------------------------------------------------
 
     async def apply(self, changes: list[RecordChange]) -> None:
-        """Apply one batch of events in one replica transaction with its checkpoints.
-
-        A deadlock with the ERP applier (both resolve into the unified rows)
-        rolls the transaction back; the batch is applied again here rather
-        than by restarting the stream, which could make it catch up over
-        REST and miss the values the events carried.
-        """
-        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
-            try:
-                await self._apply(changes)
-                return
-            except asyncpg.exceptions.DeadlockDetectedError:
-                if attempt == _DEADLOCK_ATTEMPTS:
-                    raise
-                logger.info(
-                    "replica deadlock, the batch is applied again",
-                    extra={"attempt": attempt, "events": len(changes)},
-                )
-                await asyncio.sleep(0.05 * attempt)
-
-    async def _apply(self, changes: list[RecordChange]) -> None:
+        """Apply one batch of events in one replica transaction with its checkpoints."""
         ordered = _transaction_order(changes)
         by_object: dict[str, list[RecordChange]] = {}
         for change in ordered:

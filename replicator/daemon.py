@@ -334,9 +334,13 @@ async def _prune_forever(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def _stop_when_quiet(
-    pipeline: Any, stop: asyncio.Event, quiet: float = 3.0
+    pipeline: Any, stop: asyncio.Event, quiet: float = 6.0
 ) -> None:
-    """For --until-caught-up: stop once the org's stream has been quiet for a while."""
+    """For --until-caught-up: stop once the org's stream has been quiet for a while.
+
+    Long enough for a catch-up over REST and the events behind it on a loaded
+    machine (3 s stopped runs of the recovery tests before their last events).
+    """
     await pipeline.ready.wait()
     last = -1
     while not stop.is_set():
